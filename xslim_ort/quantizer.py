@@ -1,0 +1,208 @@
+"""The QDQ quantizer, driven by a target descriptor.
+
+``TargetQuantizer`` is ONNX Runtime's ``QDQQuantizer`` with three changes: ops are
+dispatched through our registry (the descriptor names each op's handler), every weight's
+scale is computed here from the descriptor's weight rule (per-channel axis, power-of-two)
+and handed to ORT as an override, and activation ranges come from our calibrators.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization import QuantType
+from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+from onnxruntime.quantization.qdq_quantizer import QDQQuantizer, QDQQuantTensorType
+
+from .qparams import pow2_scale, symmetric_weight_scale
+from .registry import create_handler
+from .targets import Target, WeightRule
+
+_QTYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+
+
+def weight_inputs(
+    node: onnx.NodeProto, rule: WeightRule, initializers: Mapping[str, onnx.TensorProto]
+) -> list[str]:
+    """Names of the constant weight inputs of ``node`` that ``rule`` applies to."""
+    if rule.input is None:
+        return [name for name in node.input[:2] if name in initializers]
+    if len(node.input) > rule.input and node.input[rule.input] in initializers:
+        return [node.input[rule.input]]
+    return []
+
+
+def weight_overrides(
+    model: onnx.ModelProto, target: Target, excluded_nodes: Collection[str] = ()
+) -> dict[str, list[dict]]:
+    """ORT TensorQuantOverrides fixing each weight's scale by the target's rule."""
+    inits = {i.name: i for i in model.graph.initializer}
+    overrides: dict[str, list[dict]] = {}
+    for node in model.graph.node:
+        rule = target.weight_rule(node.op_type)
+        if rule is None or node.name in excluded_nodes or node.op_type not in target.ops:
+            continue
+        for name in weight_inputs(node, rule, inits):
+            if name in overrides or inits[name].data_type != onnx.TensorProto.FLOAT:
+                continue
+            w = numpy_helper.to_array(inits[name])
+            axis = rule.axis if rule.axis is not None and w.ndim > rule.axis else None
+            scale = symmetric_weight_scale(w, axis)
+            if rule.power_of_two:
+                scale = pow2_scale(scale)
+            if axis is None:
+                overrides[name] = [{"scale": np.float32(scale), "zero_point": np.int8(0)}]
+            else:
+                overrides[name] = [
+                    {"scale": np.float32(s), "zero_point": np.int8(0), **({"axis": axis} if i == 0 else {})}
+                    for i, s in enumerate(scale)
+                ]
+    return overrides
+
+
+def clamp_ranges(
+    model: onnx.ModelProto, target: Target, ranges: Mapping[str, tuple[float, float]]
+) -> dict[str, tuple[float, float]]:
+    """Apply the descriptor's range clamps (e.g. Sigmoid inputs to [-10, 10])."""
+    out = dict(ranges)
+    for node in model.graph.node:
+        rule = target.clamps.get(node.op_type)
+        if rule is None or node.input[0] not in out:
+            continue
+        bounds = rule["input"]
+        if (
+            bounds == "linear_region"
+        ):  # HardSigmoid: alpha*x + beta is linear on [-beta/alpha, (1-beta)/alpha]
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+            bounds = (-beta / alpha, (1.0 - beta) / alpha)
+        lo, hi = out[node.input[0]]
+        out[node.input[0]] = (max(lo, bounds[0]), min(hi, bounds[1]))
+    return out
+
+
+class TargetQuantizer(QDQQuantizer):
+    """QDQ quantizer whose every rule comes from a ``Target`` descriptor."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        target: Target,
+        ranges: Mapping[str, tuple[float, float]] | None,
+        *,
+        nodes_to_exclude: Collection[str] = (),
+        bias: str | None = None,
+    ) -> None:
+        self.target = target
+        self._fusions = {f.pattern for f in target.fusions if f.drop_activation}
+        bias = bias or target.bias
+        tensors_range = None
+        if ranges is not None:
+            clamped = clamp_ranges(model, target, ranges)
+            tensors_range = TensorsData(
+                CalibrationMethod.MinMax,
+                {
+                    k: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+                    for k, (lo, hi) in clamped.items()
+                },
+            )
+        extra_options = {
+            "ActivationSymmetric": target.activation_symmetric,
+            "WeightSymmetric": True,
+            "QuantizeBias": bias == "int32",
+            "QDQDisableWeightAdjustForInt32Bias": True,
+            "TensorQuantOverrides": weight_overrides(model, target, nodes_to_exclude),
+        }
+        act_type = _QTYPES[target.activation_dtype]
+        super().__init__(
+            model,
+            False,  # per-channel comes from the weight overrides, per weight rule
+            False,
+            QuantType.QInt8,
+            act_type,
+            tensors_range,
+            None,
+            list(nodes_to_exclude),
+            target.op_types,
+            extra_options,
+        )
+
+    def target_fuses(self, producer: str, activation: str) -> bool:
+        return (producer, activation) in self._fusions
+
+    def mark_tensors(self) -> None:
+        """Let each op's handler mark the tensors it wants quantized."""
+        for node in self.model.nodes():
+            if self.should_quantize_node(node):
+                create_handler(self, node).quantize()
+                for tensor_name in node.input:
+                    self.tensor_to_its_receiving_nodes.setdefault(tensor_name, []).append(node)
+            if node.op_type == "DequantizeLinear":
+                for tensor_name in node.output:
+                    self.tensor_to_producing_dq[tensor_name] = node
+
+    def quantize_model(self) -> onnx.ModelProto:
+        self.mark_tensors()
+        self.initializer_quant_params = self._calc_initializer_quant_params()
+        self._adjust_weight_quant_params_for_bias_tensors()
+        self._quantize_normal_tensors()
+        self._quantize_sharing_param_tensors()
+        if self.quantize_bias:
+            self._quantize_bias_tensors()
+        self.remove_nodes()
+        if not self.add_qdq_pair_to_weight:
+            self.model.clean_initializers()
+        self.model.model.producer_name = "xslim-ort"
+        from ._version import __version__
+
+        self.model.model.producer_version = __version__
+        return self.model.model
+
+
+def activations_to_calibrate(
+    model: onnx.ModelProto, target: Target, nodes_to_exclude: Collection[str] = ()
+) -> list[str]:
+    """The activation tensors that will get their own Q/DQ pair, in graph order.
+
+    Found by a dry run of the handlers on a copy, so calibration collects exactly what the
+    quantizer will ask for (shared-scale outputs are not calibrated).
+    """
+    planner = TargetQuantizer(copy.deepcopy(model), target, None, nodes_to_exclude=nodes_to_exclude)
+    planner.mark_tensors()
+    inits = {i.name for i in model.graph.initializer}
+    fused_away = _fused_activation_inputs(model, planner)
+    names = []
+    for name, info in planner.tensors_to_quantize.items():
+        if info.tensor_type is not QDQQuantTensorType.ACTIVATION or info.is_shared:
+            continue
+        if name not in inits and name not in fused_away:
+            names.append(name)
+    return names
+
+
+def _fused_activation_inputs(model: onnx.ModelProto, planner: TargetQuantizer) -> set[str]:
+    """Producer outputs that a fused Relu/Clip will take over (they need no range of their own)."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    fused = set()
+    for node in model.graph.node:
+        src = node.input[0] if node.input else ""
+        prod = producers.get(src)
+        if (
+            prod is not None
+            and planner.target.ops.get(node.op_type) == "removable_activation"
+            and planner.target_fuses(prod.op_type, node.op_type)
+            and consumers.get(src) == 1
+            and src not in outputs
+            and planner.should_quantize_node(node)
+        ):
+            fused.add(src)
+    return fused
