@@ -310,9 +310,7 @@ def _input_entry(entry: dict[str, Any], index: int) -> InputParameter:
         if val is not None and len(val) == 0:
             raise ConfigError(f"{path}.{key}: needs one value per channel, got an empty list")
     if inp.mean_value and inp.std_value and len(inp.mean_value) != len(inp.std_value):
-        raise ConfigError(
-            f"{path}: mean_value has {len(inp.mean_value)} values but std_value has {len(inp.std_value)}"
-        )
+        raise ConfigError(f"{path}: mean_value has {len(inp.mean_value)} values but std_value has {len(inp.std_value)}")
     if inp.preprocess_file == "":
         inp.preprocess_file = None
     return inp

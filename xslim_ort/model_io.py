@@ -81,9 +81,7 @@ def pin_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
         dims = inp.type.tensor_type.shape.dim
         want = list(shapes[inp.name])
         if len(dims) != len(want):
-            raise ModelError(
-                f"input '{inp.name}': the model has rank {len(dims)} but the config gives shape {want}"
-            )
+            raise ModelError(f"input '{inp.name}': the model has rank {len(dims)} but the config gives shape {want}")
         for dim, value in zip(dims, want, strict=True):
             if dim.HasField("dim_value") and dim.dim_value != value:
                 raise ModelError(
@@ -119,9 +117,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         simplified, ok = onnxsim.simplify(model, check_n=0)
     except Exception as exc:  # onnxsim raises plain RuntimeErrors for graphs it cannot handle
-        log.warning(
-            "onnxsim could not simplify the model (%s); continuing without it", str(exc).splitlines()[0]
-        )
+        log.warning("onnxsim could not simplify the model (%s); continuing without it", str(exc).splitlines()[0])
         return model
     if not ok:
         log.warning("onnxsim's check failed; continuing with the unsimplified model")

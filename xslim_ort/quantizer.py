@@ -25,9 +25,7 @@ from .targets import Target, WeightRule
 _QTYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 
 
-def weight_inputs(
-    node: onnx.NodeProto, rule: WeightRule, initializers: Mapping[str, onnx.TensorProto]
-) -> list[str]:
+def weight_inputs(node: onnx.NodeProto, rule: WeightRule, initializers: Mapping[str, onnx.TensorProto]) -> list[str]:
     """Names of the constant weight inputs of ``node`` that ``rule`` applies to."""
     if rule.input is None:
         return [name for name in node.input[:2] if name in initializers]
@@ -74,9 +72,7 @@ def clamp_ranges(
         if rule is None or node.input[0] not in out:
             continue
         bounds = rule["input"]
-        if (
-            bounds == "linear_region"
-        ):  # HardSigmoid: alpha*x + beta is linear on [-beta/alpha, (1-beta)/alpha]
+        if bounds == "linear_region":  # HardSigmoid: alpha*x + beta is linear on [-beta/alpha, (1-beta)/alpha]
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
             bounds = (-beta / alpha, (1.0 - beta) / alpha)
@@ -103,12 +99,12 @@ class TargetQuantizer(QDQQuantizer):
         tensors_range = None
         if ranges is not None:
             clamped = clamp_ranges(model, target, ranges)
+            for node in model.graph.node:  # a fused Relu/Clip's input shares its output's point
+                if target.ops.get(node.op_type) == "removable_activation" and node.output[0] in clamped:
+                    clamped.setdefault(node.input[0], clamped[node.output[0]])
             tensors_range = TensorsData(
                 CalibrationMethod.MinMax,
-                {
-                    k: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
-                    for k, (lo, hi) in clamped.items()
-                },
+                {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in clamped.items()},
             )
         extra_options = {
             "ActivationSymmetric": target.activation_symmetric,

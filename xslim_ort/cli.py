@@ -1,0 +1,216 @@
+"""The ``xslim-ort`` command line (also ``python -m xslim_ort``).
+
+Exit codes: 0 success, 1 a failure while quantizing, 2 bad usage, config, model or data,
+130 interrupted. Errors are one line on stderr; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+
+import click
+
+from ._version import __version__
+from .errors import EXIT_FAILURE, EXIT_USAGE, XSlimError
+
+log = logging.getLogger("xslim_ort")
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _State:
+    verbosity = 0
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbosity > 0 else "%(message)s"))
+    root = logging.getLogger("xslim_ort")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A click progress bar on stderr, or nothing with -q or when stderr is not a terminal."""
+    if _State.verbosity < 0 or not sys.stderr.isatty():
+        log.info("%s ...", label)
+        yield lambda n: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+        yield bar.update
+
+
+def _split_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", prog_name="xslim-ort")
+@click.option("-v", "--verbose", count=True, help="More output: -v shows the resolved config and tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Post-training int8 quantization of ONNX models for SpacemiT chips (XSlim-compatible).
+
+    Run `xslim-ort COMMAND --help` for each command's options.
+    """
+    _State.verbosity = -1 if quiet else verbose
+    _setup_logging(_State.verbosity)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option("-c", "--config", "config_opt", type=click.Path(dir_okay=False), help="XSlim JSON config.")
+@click.option(
+    "-i", "--input", "model", type=click.Path(dir_okay=False), help="Float ONNX model (overrides onnx_model)."
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model path.")
+@click.option("--dynq", is_flag=True, help="Dynamic quantization (precision_level 3).")
+@click.option("--fp16", is_flag=True, help="FP16 conversion (precision_level 4).")
+@click.option("--ignore_op_types", "--ignore-op-types", callback=_split_list, help="Op types kept float: A,B.")
+@click.option("--ignore_op_names", "--ignore-op-names", callback=_split_list, help="Node names kept float: a,b.")
+@click.option("--opset", type=click.IntRange(min=7), help="Target opset of the output model.")
+@click.option("--target", help="Target descriptor: spacemit, ort-cpu or a descriptor .json.")
+@click.option("--no-analysis", is_flag=True, help="Skip the analysis report (analysis_enable false).")
+def quantize(
+    config_file: str | None,
+    config_opt: str | None,
+    model: str | None,
+    output: str | None,
+    dynq: bool,
+    fp16: bool,
+    ignore_op_types: list[str] | None,
+    ignore_op_names: list[str] | None,
+    opset: int | None,
+    target: str | None,
+    no_analysis: bool,
+) -> None:
+    """Quantize a model as CONFIG_FILE (or -c) says, or per the flags without a config.
+
+    \b
+    xslim-ort quantize cfg.json
+    xslim-ort quantize -c cfg.json -i in.onnx -o out.onnx
+    xslim-ort quantize -i in.onnx -o out.onnx --dynq    # dynamic, no config
+    xslim-ort quantize -i in.onnx -o out.onnx --fp16    # FP16, no config
+    xslim-ort quantize -i in.onnx -o out.onnx           # simplify only
+    """
+    from .config import load_config
+    from .pipeline import Mode, plan_job, run
+
+    if config_file and config_opt:
+        raise click.UsageError("give the config once: as an argument or with -c, not both")
+    if dynq and fp16:
+        raise click.UsageError("--dynq and --fp16 exclude each other")
+    path = config_file or config_opt
+    if path is None and model is None:
+        raise click.UsageError("give a config file, or a model with -i")
+    cfg = load_config(path) if path else None
+    if cfg is not None:
+        qp = cfg.quantization_parameters
+        if ignore_op_types is not None:
+            qp.ignore_op_types = ignore_op_types
+        if ignore_op_names is not None:
+            qp.ignore_op_names = ignore_op_names
+        if target:
+            qp.target = target
+        if no_analysis:
+            qp.analysis_enable = False
+        if opset is not None:
+            cfg.model_parameters.opset = opset
+        if dynq:
+            qp.precision_level = 3
+        if fp16:
+            qp.precision_level = 4
+    elif any(v is not None for v in (ignore_op_types, ignore_op_names, target)) or opset is not None:
+        qp_dict: dict = {}
+        for key, val in (("ignore_op_types", ignore_op_types), ("ignore_op_names", ignore_op_names)):
+            if val is not None:
+                qp_dict[key] = val
+        if target:
+            qp_dict["target"] = target
+        cfg = load_config({"quantization_parameters": qp_dict, "model_parameters": {"opset": opset}})
+    mode = Mode.DYNAMIC if dynq else Mode.FP16 if fp16 else None
+    if cfg is None or (path is None and mode is None):
+        mode = mode or Mode.SIMPLIFY
+    job = plan_job(cfg, model, output, mode=mode, progress=_progress_bar)
+    if _State.verbosity > 0:
+        click.echo(job.config.to_json(), err=True)
+    run(job)
+    click.echo(str(job.output_path))
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+def schema() -> None:
+    """Print the JSON Schema of the config (for editors and validators)."""
+    import json
+
+    from .config import config_schema
+
+    click.echo(json.dumps(config_schema(), indent=2))
+
+
+def _register_optional_commands() -> None:
+    """Commands that live beside their feature's package."""
+    for module, attr in (
+        ("xslim_ort.check", "check_command"),
+        ("xslim_ort.analysis.command", "analyze_command"),
+        ("xslim_ort.zoo.command", "zoo_group"),
+    ):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ImportError:
+            continue
+        cli.add_command(getattr(mod, attr))
+
+
+_register_optional_commands()
+
+_COMMANDS_HELP = ("-h", "--help", "--version")
+
+
+def _with_default_command(argv: Sequence[str]) -> list[str]:
+    """xslim's flags without a command (``-c cfg.json -i m.onnx``) mean ``quantize``."""
+    args = list(argv)
+    global_flags = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}
+    i = 0
+    while i < len(args) and args[i] in global_flags:
+        i += 1
+    if i < len(args) and args[i] not in cli.commands and args[i] not in _COMMANDS_HELP:
+        args.insert(i, "quantize")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI and turn failures into one line and an exit code."""
+    args = _with_default_command(sys.argv[1:] if argv is None else argv)
+    try:
+        rv = cli.main(args=args, prog_name="xslim-ort", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except XSlimError as exc:
+        if _State.verbosity > 0:
+            traceback.print_exc()
+        click.echo(f"error: {exc.message}", err=True)
+        return exc.exit_code
+    except Exception as exc:  # a bug or an unexpected library failure: still one line
+        if _State.verbosity > 0:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"error: {type(exc).__name__}: {first} (run with -v for the traceback)", err=True)
+        return EXIT_FAILURE
+    return rv if isinstance(rv, int) else 0

@@ -1,0 +1,109 @@
+"""Static int8 quantization (precision levels 0-2): calibrate, tune, place Q/DQ, analyse."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from pathlib import Path
+
+import onnx
+
+from .calibration.batches import BatchSource
+from .calibration.cache import build_batch_source
+from .calibration.collectors import collect_statistics
+from .calibration.methods import compute_ranges, needs_histogram
+from .calibration.range_cache import fingerprint, load_ranges, save_ranges
+from .calibration.readers import data_fingerprint, providers_for, resolve_inputs
+from .config import Config
+from .errors import ConfigError
+from .pipeline import Job, prepare_model
+from .quantizer import TargetQuantizer, activations_to_calibrate
+from .regions import excluded_nodes, tensor_methods
+
+log = logging.getLogger("xslim_ort")
+
+
+def check_static_inputs(config: Config) -> None:
+    """Static quantization needs calibration data for every input."""
+    if not config.inputs:
+        raise ConfigError(
+            "calibration_parameters.input_parametres: static quantization needs calibration data "
+            "(one entry per model input, each with a data_list_path)"
+        )
+    for i, entry in enumerate(config.inputs):
+        if not entry.data_list_path:
+            raise ConfigError(f"calibration_parameters.input_parametres[{i}].data_list_path is required")
+
+
+def quantize_static_job(job: Job) -> onnx.ModelProto:
+    """Static quantization from a config: data from its input lists."""
+    cfg = job.config
+    check_static_inputs(cfg)
+    specs = resolve_inputs(cfg, job.model)
+    model = prepare_model(job, {spec.name: list(spec.shape) for _, spec in specs})
+    max_batches = cfg.calibration_parameters.calibration_step
+    with build_batch_source(cfg, model, cache_dir=job.working_dir, max_batches=max_batches) as source:
+        return quantize_with_source(job, model, source, data_fingerprint(cfg, model))
+
+
+def quantize_with_source(
+    job: Job,
+    model: onnx.ModelProto,
+    source: BatchSource,
+    data_key: str,
+    *,
+    extra_excluded: Collection[str] = (),
+    range_cache_dir: Path | None = None,
+    cache_ranges: bool = True,
+) -> onnx.ModelProto:
+    """Calibrate on ``source``, tune, place Q/DQ by the target and (optionally) analyse."""
+    cfg = job.config
+    cp, qp = cfg.calibration_parameters, cfg.quantization_parameters
+    excluded = excluded_nodes(model, cfg, job.target) | set(extra_excluded)
+    tensors = activations_to_calibrate(model, job.target, excluded)
+    if not tensors:
+        log.warning("the model has no op the '%s' target quantizes; it is written unquantized", job.target.name)
+        return model
+    methods = tensor_methods(model, cfg, tensors)
+    method_names = {t: m[0] for t, m in methods.items()}
+    percentiles = {t: m[1] for t, m in methods.items()}
+
+    cache_dir = range_cache_dir or job.working_dir
+    settings = {"methods": sorted(method_names.items()), "percentiles": sorted(percentiles.items())}
+    key = fingerprint(model, data_key, settings)
+    ranges = load_ranges(cache_dir, key) if cache_ranges else None
+    if ranges is None:
+        hist = {t for t, m in method_names.items() if needs_histogram(m)}
+        with job.progress("calibrating", None) as advance:
+            stats = collect_statistics(
+                model,
+                tensors,
+                source,
+                histograms=hist,
+                providers=providers_for(cp.calibration_device),
+                progress=advance,
+            )
+        ranges = compute_ranges(stats, method_names, max_percentile=percentiles)
+        if cache_ranges:
+            save_ranges(cache_dir, key, ranges)
+    else:
+        log.info("reusing calibrated ranges from the range cache in %s", cache_dir)
+    missing = [t for t in tensors if t not in ranges]
+    if missing:
+        log.warning("%d tensor(s) produced no float values during calibration and stay float", len(missing))
+
+    quantizer = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, bias=qp.bias_mode)
+    qmodel = quantizer.quantize_model()
+    if qp.analysis_enable:
+        write_analysis(job, model, qmodel, source)
+    return qmodel
+
+
+def write_analysis(job: Job, float_model: onnx.ModelProto, qmodel: onnx.ModelProto, source: BatchSource) -> list[Path]:
+    from .analysis import analyze
+
+    qp = job.config.quantization_parameters
+    report = analyze(float_model, qmodel, source, max_samples=qp.analysis_samples)
+    paths = report.write(job.working_dir, job.prefix)
+    log.info("%s", report.console_summary())
+    return paths
