@@ -8,8 +8,10 @@ quantization loses too much there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +108,25 @@ def weight_only_int8(model: onnx.ModelProto, skip: set[str]) -> None:
         model.graph.node.extend(nodes)
 
 
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """ORT's quantizer logs advice on the root logger; our weight-only DQ nodes trigger it needlessly."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_dynamic_model(model: onnx.ModelProto, qp: QuantizationParameters) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     skip = ignored_node_names(model, qp)
     gemm_to_matmul(model, skip)
     weight_only_int8(model, skip)
-    with tempfile.TemporaryDirectory(prefix="xslim_ort_dynq_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="xslim_ort_dynq_") as tmp, quiet_root_logger():
         out = Path(tmp) / "dynq.onnx"
         quantize_dynamic(
             model,

@@ -151,6 +151,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())
     data_tmp: Path | None = None
     try:
         if needs_external_data(model):
@@ -181,6 +182,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _relocate_external_data(model_file: Path, data_name: str) -> None:
