@@ -75,7 +75,7 @@ def _model_dims(vi: onnx.ValueInfoProto) -> list[int | str] | None:
     tensor = vi.type.tensor_type
     if not tensor.HasField("shape"):
         return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in tensor.shape.dim]
 
 
 def _layout(shape: tuple[int, ...]) -> str:
@@ -122,7 +122,7 @@ def _resolve(config: Config, model: onnx.ModelProto) -> _Resolved:
     inputs = _model_inputs(model)
     matched = _match_entries(config, inputs)
     batch_override = config.calibration_parameters.calibration_batch_size
-    partial: list[tuple[int, InputParameter, str, list[int], np.dtype, bool]] = []
+    pairs, indices, fixed_any = [], [], False
     for vi in inputs:
         index, entry = matched[vi.name]
         where = f"{_entry_path(index)} (input {vi.name!r})"
@@ -150,20 +150,19 @@ def _resolve(config: Config, model: onnx.ModelProto) -> _Resolved:
                     f"dimension is fixed at {shape[0]}"
                 )
             shape[0] = batch_override
-        partial.append((index, entry, vi.name, shape, dtype, fixed))
-    sizes = {name: shape[0] for _, _, name, shape, _, _ in partial}
-    if len(set(sizes.values())) > 1:
-        listed = ", ".join(f"{n!r} has {b}" for n, b in sizes.items())
-        raise DataError(f"all inputs need the same batch size (line i of every list is sample i): {listed}")
-    pairs = []
-    for _, entry, name, shape, dtype, _ in partial:
         layout = None
         if entry.file_type == "img":
             if len(shape) != 4:
-                raise DataError(f"input {name!r} has shape {shape}; file_type img needs a 4-D NCHW or NHWC input")
+                raise DataError(f"{where}: file_type img needs a 4-D NCHW or NHWC input, the shape is {shape}")
             layout = _layout(tuple(shape))
-        pairs.append((entry, InputSpec(name, tuple(shape), dtype, layout)))
-    return _Resolved(pairs, [p[0] for p in partial], any(p[5] for p in partial))
+        pairs.append((entry, InputSpec(vi.name, tuple(shape), dtype, layout)))
+        indices.append(index)
+        fixed_any = fixed_any or fixed
+    sizes = {spec.name: spec.shape[0] for _, spec in pairs}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{n!r} has {b}" for n, b in sizes.items())
+        raise DataError(f"all inputs need the same batch size (line i of every list is sample i): {listed}")
+    return _Resolved(pairs, indices, fixed_any)
 
 
 def _check_given_shape(where: str, shape: list[int], dims: list[int | str]) -> None:
