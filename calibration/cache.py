@@ -51,7 +51,6 @@ class BatchCache:
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
         self._index: list[dict[str, _Slot]] = []
         self._files: dict[str, Path] = {}
-        self._sizes: dict[str, int] = {}
         self._complete = False
         self._streaming = False
 
@@ -90,13 +89,10 @@ class BatchCache:
         try:
             for name, value in batch.items():
                 arr = np.ascontiguousarray(value)
-                if name not in self._files:
-                    self._files[name] = self.path / f"input{len(self._files)}.bin"
-                    self._sizes[name] = 0
-                with open(self._files[name], "ab") as f:
+                file = self._files.setdefault(name, self.path / f"input{len(self._files)}.bin")
+                with open(file, "ab") as f:
+                    slots[name] = _Slot(file, f.tell(), arr.shape, arr.dtype)
                     arr.tofile(f)
-                slots[name] = _Slot(self._files[name], self._sizes[name], arr.shape, arr.dtype)
-                self._sizes[name] += arr.nbytes
         except OSError as exc:
             raise XSlimError(
                 f"cannot write the calibration cache in {self.path}: {exc.strerror or exc}", EXIT_FAILURE
@@ -129,5 +125,10 @@ def build_batch_source(
     max_batches: int | None = None,
     max_samples: int | None = None,
 ) -> BatchCache:
-    """The calibration data of a config as a cached BatchSource (cache_dir None: system temp)."""
-    return BatchCache(XSlimDataReader(config, model, max_batches=max_batches, max_samples=max_samples), cache_dir)
+    """The calibration data of a config as a cached BatchSource.
+
+    The cache goes in ``cache_dir``, else in the config's working_dir (where the run's other
+    files go), else in the system temp folder.
+    """
+    reader = XSlimDataReader(config, model, max_batches=max_batches, max_samples=max_samples)
+    return BatchCache(reader, cache_dir if cache_dir is not None else config.model_parameters.working_dir)

@@ -7,6 +7,7 @@ config tuned for xslim calibrates on the same pixels here. Everything works on o
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from collections.abc import Callable, Sequence
@@ -135,18 +136,22 @@ def load_user_function(path: Path, func: str, reference: str) -> UserFunction:
     """Import ``func`` from the file at ``path`` without leaving its folder on sys.path.
 
     The folder is on sys.path only while the module runs, so that it can import helpers
-    next to it; the module gets a private name so two files called the same do not clash.
+    next to it; the module gets a private name (from its path) so two files called the same
+    do not clash, and is registered under it so dataclasses and pickling inside it work.
     """
-    name = f"xslim_ort_user_preprocess_{abs(hash(str(path.resolve())))}"
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    name = f"xslim_ort_user_preprocess_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise DataError(f"{reference}: cannot import {path}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[name]
         raise DataError(f"{reference}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         sys.path.remove(folder)

@@ -206,14 +206,29 @@ class Sample:
         return f"{self.list_file}:{self.line}"
 
 
+def _find_file(config: Config, value: str, what: str) -> Path:
+    """Where xslim looks (cwd, then the config's folder); not finding data is a DataError."""
+    try:
+        return config.resolve_input_path(value, what)
+    except ConfigError as exc:
+        raise DataError(exc.message) from None
+
+
 def list_file_path(config: Config, entry: InputParameter, index: int) -> Path:
+    """The entry's data_list_path, found on disk."""
     what = f"{_entry_path(index)}.data_list_path"
     if not entry.data_list_path:
         raise DataError(f"{what}: required for static quantization (a text file with one sample path per line)")
-    try:
-        return config.resolve_input_path(entry.data_list_path, what)
-    except ConfigError as exc:
-        raise DataError(exc.message) from None
+    return _find_file(config, entry.data_list_path, what)
+
+
+def _user_function_file(config: Config, entry: InputParameter, index: int) -> tuple[Path, str, str] | None:
+    """File, function and reference of a ``path.py:function`` preprocess_file; None for none or a preset."""
+    ref = entry.preprocess_file
+    if ref is None or ref in PRESETS:
+        return None
+    path, func = parse_user_reference(ref)
+    return _find_file(config, path, f"{_entry_path(index)}.preprocess_file"), func, ref
 
 
 def read_list(list_file: Path) -> list[Sample]:
@@ -231,9 +246,10 @@ def read_list(list_file: Path) -> list[Sample]:
     except UnicodeDecodeError as exc:
         raise DataError(f"{list_file}: the list file is not UTF-8 text (byte {exc.start})") from None
     folder = list_file.parent
+    # split("\n") rather than splitlines(): form feeds and the like must not shift line numbers
     samples = [
         Sample(folder / line.strip(), list_file, number)
-        for number, line in enumerate(text.splitlines(), start=1)
+        for number, line in enumerate(text.split("\n"), start=1)
         if line.strip()
     ]
     if not samples:
@@ -344,15 +360,12 @@ class _InputStream:
         self.spec = spec
         self.list_file = list_file_path(config, entry, index)
         self.samples = read_list(self.list_file)
-        ref = entry.preprocess_file
-        if ref is not None and ref not in PRESETS:
-            path, func = parse_user_reference(ref)
-            try:
-                file = config.resolve_input_path(path, f"{_entry_path(index)}.preprocess_file")
-            except ConfigError as exc:
-                raise DataError(exc.message) from None
-            self.batch = self._user_batches(load_user_function(file, func, ref), ref)
+        self.batch: Callable[[int, int], np.ndarray]
+        user = _user_function_file(config, entry, index)
+        if user is not None:
+            self.batch = self._user_batches(load_user_function(*user), user[2])
             return
+        ref = entry.preprocess_file
         if ref is not None and entry.file_type != "img":
             raise DataError(
                 f"{_entry_path(index)}.preprocess_file: {ref} is an image preset but file_type is {entry.file_type}"
@@ -448,8 +461,9 @@ class XSlimDataReader(CalibrationDataReader):
             return None
         start = self._next * self.batch_size
         stop = min(start + self.batch_size, self._num_samples)
-        self._next += 1
-        return {stream.spec.name: stream.batch(start, stop) for stream in self._streams}
+        batch = {stream.spec.name: stream.batch(start, stop) for stream in self._streams}
+        self._next += 1  # only once the batch is built, so a failed batch is not silently skipped
+        return batch
 
     def rewind(self) -> None:
         self._next = 0
@@ -479,10 +493,9 @@ def data_fingerprint(config: Config, model: onnx.ModelProto) -> str:
                 h.update(f"{s.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             except OSError:
                 h.update(f"{s.path}\0missing\n".encode())
-        ref = entry.preprocess_file
-        if ref is not None and ref not in PRESETS:
-            path, _ = parse_user_reference(ref)
-            h.update(config.resolve_input_path(path, "preprocess_file").read_bytes())
+        user = _user_function_file(config, entry, index)
+        if user is not None:
+            h.update(user[0].read_bytes())
     return h.hexdigest()
 
 

@@ -28,7 +28,7 @@ from xslim_ort.calibration.readers import (
 )
 
 from xslim_ort.config import load_config
-from xslim_ort.errors import DataError
+from xslim_ort.errors import ConfigError, DataError
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
@@ -304,13 +304,20 @@ def test_raw_size_mismatch_names_file_and_byte_counts(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- user preprocessing
 
 PREPROCESS = """
+import dataclasses
+
 import numpy as np
 from pp_helper import SCALE  # a sibling module: the file's folder is importable while it loads
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    scale: float = SCALE
+
+
 def as_numpy(paths, entry):
     n, c = len(paths), entry["input_shape"][1]
-    rows = [np.load(p).astype(np.float32) * SCALE for p in paths]
+    rows = [np.load(p).astype(np.float32) * Options().scale for p in paths]
     assert entry["input_name"] == "x" and entry["dtype"] == "float32" and c == 3
     return np.stack(rows).reshape(n, c)
 
@@ -353,6 +360,10 @@ def wrong_dtype(paths, entry):
 
 def a_list(paths, entry):
     return [0.0, 1.0, 2.0]
+
+
+def fails(paths, entry):
+    return 1 / 0
 
 
 def with_nan(paths, entry):
@@ -403,12 +414,22 @@ def test_user_preprocess_torch_tensor_gives_same_batches(user_data: Any) -> None
         ("a_list", "{ref} returned list; expected a NumPy array or a torch tensor"),
         ("with_nan", "{lst}:2: NaN or Inf in what {ref} returned for {folder}/s1.npy"),
         ("missing", "{ref}: {folder}/pp.py has no function 'missing'"),
+        ("fails", "{lst}:1-2: {ref} failed: ZeroDivisionError: division by zero"),
     ],
 )
 def test_user_preprocess_errors(user_data: Any, func: str, message: str) -> None:
     folder, lst, _ = user_data
     ref = f"{folder / 'pp.py'}:{func}"
     assert data_error(run_user, user_data, func) == message.format(ref=ref, lst=lst, folder=folder)
+
+
+def test_user_preprocess_import_error(user_data: Any) -> None:
+    folder, lst, model = user_data
+    (folder / "broken.py").write_text("raise ValueError('boom')\n")
+    ref = f"{folder / 'broken.py'}:f"
+    entry = {"file_type": "npy", "preprocess_file": ref, "data_list_path": str(lst)}
+    msg = data_error(read_all, config([entry]), model)
+    assert msg == f"{ref}: importing {folder / 'broken.py'} failed: ValueError: boom"
 
 
 def test_user_preprocess_reference_must_name_a_function(user_data: Any) -> None:
@@ -674,6 +695,42 @@ def test_build_batch_source_mixed_dtypes(tmp_path: Path) -> None:
     assert second[1]["ids"].tolist() == [[1, 2, 3, 4]]
 
 
+def test_cache_goes_in_working_dir_by_default(tmp_path: Path) -> None:
+    entry = {"file_type": "npy", "data_list_path": str(npy_samples(tmp_path, 1))}
+    cfg = load_config(
+        {
+            "model_parameters": {"working_dir": str(tmp_path / "out")},
+            "calibration_parameters": {"input_parametres": [entry]},
+        }
+    )
+    with build_batch_source(cfg, make_model(("x", F32, ["N", 2]))) as source:
+        assert source.path.parent == tmp_path / "out"
+        assert [b["x"].tolist() for b in source()] == [[[0, 0]]]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_reader_drives_ort_quantize_static(tmp_path: Path) -> None:
+    """ORT-style scripts can hand the reader straight to onnxruntime.quantization."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    weight = helper.make_tensor("w", F32, [2, 2], [1.0, -2.0, 0.5, 3.0])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 2])],
+        [helper.make_tensor_value_info("y", F32, ["N", 2])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, tmp_path / "m.onnx")
+    reader = XSlimDataReader(config([{"file_type": "npy", "data_list_path": str(npy_samples(tmp_path, 4))}]), model)
+    quantize_static(tmp_path / "m.onnx", tmp_path / "q.onnx", reader, quant_format=QuantFormat.QDQ)
+    q = onnx.load(tmp_path / "q.onnx")
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    x_scale = next(v for k, v in scales.items() if k.startswith("x_scale"))
+    assert float(x_scale) == pytest.approx(3 / 255, rel=1e-6)  # calibration saw x in [0, 3]
+
+
 # --------------------------------------------------------------------------- fingerprint, devices
 
 
@@ -709,3 +766,5 @@ def test_providers_for(monkeypatch: Any, caplog: Any) -> None:
     assert [r.getMessage() for r in caplog.records] == [
         "calibration_device is cuda but ONNX Runtime has no CUDAExecutionProvider here; using CPU"
     ]
+    with pytest.raises(ConfigError, match="calibration_device: use cuda or cpu, got 'gpu'"):
+        providers_for("gpu")
