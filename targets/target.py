@@ -65,7 +65,8 @@ class Target:
     weights: dict[str, WeightRule]
     fusions: tuple[Fusion, ...]
     clamps: dict[str, dict[str, Any]]
-    float_ops_level2: frozenset[str]
+    float_ops_level2: frozenset[str]  # op types precision_level 2 keeps float
+    float_elementwise_level2: frozenset[str]  # element-wise types level 2 keeps float when no input is constant
     source: str = field(default="", compare=False)
 
     @property
@@ -116,7 +117,7 @@ def load_target(name_or_path: str) -> Target:
 
 
 _REQUIRED = ("name", "min_opset", "activation", "bias", "weights", "ops")
-_OPTIONAL = ("description", "fusions", "clamps", "float_ops_level2")
+_OPTIONAL = ("description", "fusions", "clamps", "float_ops_level2", "float_elementwise_level2")
 
 
 def parse_target(data: dict[str, Any], source: str = "<dict>") -> Target:
@@ -171,5 +172,6 @@ def parse_target(data: dict[str, Any], source: str = "<dict>") -> Target:
         fusions=fusions,
         clamps=dict(data.get("clamps", {})),
         float_ops_level2=frozenset(data.get("float_ops_level2", [])),
+        float_elementwise_level2=frozenset(data.get("float_elementwise_level2", [])),
         source=source,
     )

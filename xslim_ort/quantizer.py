@@ -8,7 +8,6 @@ and handed to ORT as an override, and activation ranges come from our calibrator
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Collection, Mapping
 
 import numpy as np
@@ -93,6 +92,12 @@ class TargetQuantizer(QDQQuantizer):
         nodes_to_exclude: Collection[str] = (),
         bias: str | None = None,
     ) -> None:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)  # ORT's quantizer edits the model it is given
+        if not any(p.key == "onnx.infer" for p in work.metadata_props):
+            # Shapes were inferred in preparation; this tag stops ORT re-inferring them via a temp file.
+            work.metadata_props.add(key="onnx.infer", value="onnxruntime.quant")
+        model = work
         self.target = target
         self._fusions = {f.pattern for f in target.fusions if f.drop_activation}
         bias = bias or target.bias
@@ -167,7 +172,7 @@ def activations_to_calibrate(
     Found by a dry run of the handlers on a copy, so calibration collects exactly what the
     quantizer will ask for (shared-scale outputs are not calibrated).
     """
-    planner = TargetQuantizer(copy.deepcopy(model), target, None, nodes_to_exclude=nodes_to_exclude)
+    planner = TargetQuantizer(model, target, None, nodes_to_exclude=nodes_to_exclude)
     planner.mark_tensors()
     inits = {i.name for i in model.graph.initializer}
     fused_away = _fused_activation_inputs(model, planner)

@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .pipeline import Job, prepare_model
 from .quantizer import TargetQuantizer, activations_to_calibrate
 from .regions import excluded_nodes, tensor_methods
+from .sensitivity import level2_float_nodes, select_float_nodes
 
 log = logging.getLogger("xslim_ort")
 
@@ -92,18 +93,43 @@ def quantize_with_source(
     if missing:
         log.warning("%d tensor(s) produced no float values during calibration and stay float", len(missing))
 
+    float_kept: dict[str, str] = {}
+    if qp.precision_level in (1, 2):
+        float_kept = keep_sensitive_float(job, model, ranges, source, excluded)
+        excluded |= set(float_kept)
     quantizer = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, bias=qp.bias_mode)
     qmodel = quantizer.quantize_model()
     if qp.analysis_enable:
-        write_analysis(job, model, qmodel, source)
+        write_analysis(job, model, qmodel, source, float_kept)
     return qmodel
 
 
-def write_analysis(job: Job, float_model: onnx.ModelProto, qmodel: onnx.ModelProto, source: BatchSource) -> list[Path]:
+def keep_sensitive_float(
+    job: Job, model: onnx.ModelProto, ranges: dict, source: BatchSource, excluded: set[str]
+) -> dict[str, str]:
+    """Precision levels 1-2: the nodes to keep float, each with the measurement that put it there."""
+    level = job.config.quantization_parameters.precision_level
+    fixed = level2_float_nodes(model, job.target) if level == 2 else {}
+    fixed = {k: v for k, v in fixed.items() if k not in excluded}
+    base = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded | set(fixed)).quantize_model()
+    with job.progress(f"precision_level {level}: measuring sensitivity", None):
+        result = select_float_nodes(model, base, job.target, source, level, fixed_float=fixed)
+    for name, reason in sorted(result.float_nodes.items()):
+        log.debug("kept float: %s (%s)", name, reason)
+    return result.float_nodes
+
+
+def write_analysis(
+    job: Job,
+    float_model: onnx.ModelProto,
+    qmodel: onnx.ModelProto,
+    source: BatchSource,
+    float_kept: dict[str, str] | None = None,
+) -> list[Path]:
     from .analysis import analyze
 
     qp = job.config.quantization_parameters
-    report = analyze(float_model, qmodel, source, max_samples=qp.analysis_samples)
+    report = analyze(float_model, qmodel, source, max_samples=qp.analysis_samples, float_kept=float_kept)
     paths = report.write(job.working_dir, job.prefix)
     log.info("%s", report.console_summary())
     return paths
