@@ -165,7 +165,7 @@ class _Accumulator:
         span = hi - lo
         scale = num_bins / span if span > 0 else 0.0
         # A span too narrow for float32 arithmetic counts everything in bin 0.
-        self.scale = np.float32(scale if np.isfinite(np.float32(scale)) else 0.0)
+        self.scale = np.float32(scale if scale < np.finfo(np.float32).max else 0.0)
 
     def add_to_histogram(self, x: np.ndarray, scratch: _Scratch) -> None:
         """Fold finite values into the histogram (the fast path: about 1.7 ns a value).
@@ -258,7 +258,7 @@ def _bulk_range(keys: np.ndarray | None, fmin: float, fmax: float) -> tuple[floa
     present = np.flatnonzero(mag[:_INF_KEY])
     lower = _key_value(present)
     upper = _key_value(present + 1)
-    gaps = np.flatnonzero((lower[1:] >= SENTINEL_MIN_ABS) & (lower[1:] >= SENTINEL_GAP * upper[:-1]))
+    gaps = np.flatnonzero((upper[1:] > SENTINEL_MIN_ABS) & (lower[1:] >= SENTINEL_GAP * upper[:-1]))
     if gaps.size == 0:
         return fmin, fmax, 0, 0
     first_sentinel = present[gaps[0] + 1]
@@ -267,9 +267,14 @@ def _bulk_range(keys: np.ndarray | None, fmin: float, fmax: float) -> tuple[floa
     below = int(neg[first_sentinel:].sum())
     bulk_pos = np.flatnonzero(pos[:first_sentinel])
     bulk_neg = np.flatnonzero(neg[:first_sentinel])
-    lo = -_key_value(bulk_neg[-1] + 1) if bulk_neg.size else _key_value(bulk_pos[0])
-    hi = _key_value(bulk_pos[-1] + 1) if bulk_pos.size else -_key_value(bulk_neg[0])
+    # Magnitude bin 0 holds +-0 and denormals: it bounds the bulk at 0.
+    lo = -_upper(bulk_neg[-1]) if bulk_neg.size else _key_value(bulk_pos[0])
+    hi = _upper(bulk_pos[-1]) if bulk_pos.size else -_key_value(bulk_neg[0])
     return max(float(lo), fmin), min(float(hi), fmax), below, above
+
+
+def _upper(key: np.integer) -> float:
+    return 0.0 if key == 0 else float(_key_value(key + 1))
 
 
 def _key_value(keys: np.ndarray | np.integer) -> np.ndarray:
