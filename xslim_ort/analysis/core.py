@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 
 from ..calibration.batches import Batch, BatchSource
+from ..calibration.methods import compute_range, normalize_percentile
 from ..errors import DataError
 from ..model_io import infer_shapes, load_model, needs_external_data
 from ..qparams import dequantize
@@ -69,6 +70,7 @@ def analyze(
     ``float_kept``: tensor or op name -> why the quantizer left it in float (shown as is).
     ``num_threads``: ONNX Runtime intra-op threads (None: its default).
     """
+    max_percentile = normalize_percentile(max_percentile)
     run = _Run(
         load_model(float_model),
         load_model(quant_model),
@@ -103,6 +105,7 @@ def measure_fixes(
     num_threads: int | None = None,
 ) -> list[Suggestion]:
     """Measured fixes (keep float, percentile) for the named tensors, without the full analysis."""
+    max_percentile = normalize_percentile(max_percentile)
     run = _Run(
         load_model(float_model),
         load_model(quant_model),
@@ -372,7 +375,7 @@ class _Run:
                     fixes.append(self._fix("keep_float", model, base, layer, {"precision_level": 2}))
             hist = self.hists.get(p.tensor)
             if hist is not None and hist.total:
-                lo, hi = hist.percentile_range(max_percentile)
+                lo, hi = compute_range(hist.tensor_stats(layer.tensor), "percentile", max_percentile=max_percentile)
                 model = self.graph.with_percentile(p, lo, hi)
                 if model is not None:
                     setting: dict[str, object] = {"calibration_type": "percentile"}

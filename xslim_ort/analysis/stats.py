@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..calibration.collectors import TensorStats
+
 HIST_BINS = 4096
 
 
@@ -150,15 +152,16 @@ class StreamingHistogram:
         sums[edges[:-1] == edges[1:]] = 0  # reduceat returns the element itself for empty groups
         return lo, hi, [int(v) for v in sums]
 
-    def percentile_range(self, percentile: float) -> tuple[float, float]:
-        """Range clipping ``1 - percentile`` of the values at each end (bin-edge precision)."""
-        total = self.total
-        if total == 0:
-            return 0.0, 0.0
-        cdf = np.cumsum(self.counts)
-        tail = (1.0 - percentile) * total
-        first = int(np.searchsorted(cdf, tail, side="right"))
-        last = int(np.searchsorted(cdf, total - tail, side="left"))
-        lo = max(self.lo + first * self.width, self.min)
-        hi = min(self.lo + (last + 1) * self.width, self.max)
-        return lo, hi
+    def tensor_stats(self, name: str) -> TensorStats:
+        """The histogram in calibration's terms, so its range methods apply unchanged."""
+        lo, hi, counts = self.occupied()
+        return TensorStats(
+            name=name,
+            min=self.min if counts.size else math.nan,
+            max=self.max if counts.size else math.nan,
+            count=self.total,
+            nonfinite=self.nonfinite,
+            hist=counts.copy(),
+            hist_lo=lo,
+            hist_hi=hi,
+        )
