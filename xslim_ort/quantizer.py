@@ -104,9 +104,15 @@ class TargetQuantizer(QDQQuantizer):
         tensors_range = None
         if ranges is not None:
             clamped = clamp_ranges(model, target, ranges)
-            for node in model.graph.node:  # a fused Relu/Clip's input shares its output's point
-                if target.ops.get(node.op_type) == "removable_activation" and node.output[0] in clamped:
+            for node in model.graph.node:
+                kind = target.ops.get(node.op_type)
+                if kind == "removable_activation" and node.output[0] in clamped:
+                    # a fused Relu/Clip's input shares its output's quantization point
                     clamped.setdefault(node.input[0], clamped[node.output[0]])
+                elif kind in ("passthrough", "maxpool") and node.input and node.input[0] in clamped:
+                    # values pass through unchanged (or a subset of them): the input's range holds. Needed
+                    # when the producer is kept float and this output must get a Q/DQ pair of its own.
+                    clamped.setdefault(node.output[0], clamped[node.input[0]])
             tensors_range = TensorsData(
                 CalibrationMethod.MinMax,
                 {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in clamped.items()},
