@@ -295,6 +295,48 @@ def test_keep_float_restores_the_folded_relu(chain: dict[str, object]) -> None:
     assert not any(n.input and n.input[0] == "r2" and n.op_type == "QuantizeLinear" for n in model.graph.node)
 
 
+def test_unsorted_qdq_graph_gives_the_same_numbers(chain: dict[str, object]) -> None:
+    """Quantizers may append Q/DQ nodes after their consumers; ONNX Runtime sorts on load."""
+    shuffled = onnx.ModelProto()
+    shuffled.CopyFrom(chain["bad"])
+    nodes = list(shuffled.graph.node)
+    del shuffled.graph.node[:]
+    shuffled.graph.node.extend(reversed(nodes))
+    a = _run(chain, model="bad", suggestions=1)
+    b = analyze(chain["float"], shuffled, source_from_batches(chain["data"]), suggestions=1, num_threads=1)
+    assert [layer.tensor for layer in a.ranked] == [layer.tensor for layer in b.ranked]
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        assert la.isolated_output_sqnr_db == pytest.approx(lb.isolated_output_sqnr_db, abs=1e-6)
+    assert a.suggestions[0].fixes[0].gain_db == pytest.approx(b.suggestions[0].fixes[0].gain_db, abs=1e-6)
+
+
+def test_uint8_activations(chain: dict[str, object], tmp_path: Path) -> None:
+    """ONNX Runtime's default activation type: zero points in [0, 255]."""
+    onnx.save(_float_chain(), str(tmp_path / "f.onnx"))
+    quantize_static(
+        str(tmp_path / "f.onnx"),
+        str(tmp_path / "q.onnx"),
+        _Reader(_samples(16, seed=1)),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+    qdq = onnx.load(str(tmp_path / "q.onnx"))
+    float_model = _lossless_weights(onnx.load(str(tmp_path / "f.onnx")), qdq)
+    _set_scale(qdq, "r2", 16.0)
+    report = analyze(float_model, qdq, source_from_batches(chain["data"]), suggestions=1, num_threads=1)
+    r2 = next(layer for layer in report.layers if layer.tensor == "r2")
+    assert r2.dtype == "uint8" and report.ranked[0].tensor == "r2"
+    scale, zp = _qparams(qdq, "r2")
+    f = _float_values(float_model, ["r2"], chain["data"])["r2"]
+    expected = sqnr_db(f, dequantize(quantize(f, scale, zp, 0, 255), scale, zp))
+    assert r2.isolated.sqnr_db == pytest.approx(expected, abs=1e-3)
+    assert r2.clip_range == pytest.approx((-int(zp) * float(scale), (255 - int(zp)) * float(scale)))
+    fixes = {f.kind: f for f in report.suggestions[0].fixes}
+    assert fixes["percentile"].gain_db > 6 and fixes["keep_float"].gain_db > 6
+
+
 def test_chunking_does_not_change_the_numbers(chain: dict[str, object]) -> None:
     whole = _run(chain, suggestions=0).to_dict()
     pieces = _run(chain, suggestions=0, chunk_bytes=1).to_dict()

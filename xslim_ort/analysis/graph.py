@@ -17,6 +17,7 @@ that is "at fault" for the point's own error. Derived models:
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -111,7 +112,8 @@ class QDQGraph:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
         by_tensor: dict[str, list[int]] = {}
-        for i, node in enumerate(self.nodes):
+        for i in topological_order(self.nodes):
+            node = self.nodes[i]
             if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
                 continue
             if self._constant(node.input[0]) is not None or self._constant(node.input[1]) is None:
@@ -401,20 +403,49 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 
 
 def _prune(model: onnx.ModelProto) -> None:
-    """Drop nodes and initializers that no graph output depends on."""
+    """Drop what no graph output depends on, and put the nodes in topological order."""
     graph = model.graph
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(_inputs_with_subgraphs(node))
-    kept.reverse()
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    keep: set[int] = set()
+    stack = [producer[o.name] for o in graph.output if o.name in producer]
+    while stack:
+        i = stack.pop()
+        if i not in keep:
+            keep.add(i)
+            stack.extend(producer[n] for n in _inputs_with_subgraphs(nodes[i]) if n in producer)
+    order = [i for i in topological_order(nodes) if i in keep]
+    needed = {n for i in order for n in _inputs_with_subgraphs(nodes[i])}
     del graph.node[:]
-    graph.node.extend(kept)
+    graph.node.extend(nodes[i] for i in order)
     inits = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(inits)
+
+
+def topological_order(nodes: list[onnx.NodeProto]) -> list[int]:
+    """Node indices, producers first; ready nodes are taken in list order (deterministic).
+
+    Quantizers do not always write sorted graphs (ONNX Runtime sorts on load), and the
+    derived models insert nodes, so nothing here trusts the order of the node list.
+    """
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waiting = {i: {producer[n] for n in _inputs_with_subgraphs(node) if n in producer} for i, node in enumerate(nodes)}
+    users: dict[int, list[int]] = {}
+    for i, deps in waiting.items():
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    ready = [i for i, deps in waiting.items() if not deps]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            waiting[u].discard(i)
+            if not waiting[u]:
+                heapq.heappush(ready, u)
+    return order
 
 
 def _inputs_with_subgraphs(node: onnx.NodeProto) -> set[str]:
