@@ -19,7 +19,13 @@ few milliseconds whatever the number of bins.
   the int8 grid (Q, spread back over P's non-empty bins). One-sided data uses the 255
   steps of [0, T]; two-sided data is folded to |x| with 128 levels (as TensorRT's
   symmetric int8) and clipped to [-T, T].
-- ``default``: ``mse`` (measured on the zoo: see ``scripts/bench_calibration_methods.py``).
+- ``default``: the ``mse`` search with the rounding noise weighted twice
+  (``DEFAULT_NOISE_WEIGHT``): a bias towards resolution over outliers. Measured with
+  ``scripts/bench_calibration_methods.py`` (ORT's QDQ quantizer, per-channel weights;
+  output SQNR in dB vs float, on mobilenet_v2 / efficientnet_lite0 / ppocr_v6_tiny_det):
+  minmax 11.9 / 13.6 / 16.3, percentile 15.8 / 14.5 / 14.9, kl 14.8 / 13.2 / 9.9,
+  mse 14.9 / 14.2 / 17.0, an xslim-style MSE+KL score 14.8 / 14.8 / 16.8, and this
+  default 15.3 / 14.9 / 16.6: the best mean (15.6) and never far from the best.
 
 Sentinels (values set aside by the collector, e.g. ``-3.4e38`` attention masks, see
 ``collectors``): every method works on the bulk, and a side holding sentinels is never
@@ -45,6 +51,7 @@ _KL_LEVELS_ONE_SIDED = 255
 _KL_LEVELS_FOLDED = 128
 _MAX_SWEEP = 512  # candidates per coarse sweep; the best is then refined bin by bin
 _MAX_ROUNDS = 8  # coordinate-descent rounds for two-sided mse
+DEFAULT_NOISE_WEIGHT = 2.0  # weights 1.5-4 measured within 0.1 dB of each other; 1 (plain mse) 0.3 dB worse
 
 
 def needs_histogram(method: str) -> bool:
@@ -81,7 +88,7 @@ def compute_range(stats: TensorStats, method: str, *, max_percentile: float = 0.
         elif method == "kl":
             lo, hi = h.kl()
         else:
-            lo, hi = h.mse()
+            lo, hi = h.mse(DEFAULT_NOISE_WEIGHT if method == "default" else 1.0)
     return _bound_sentinels(stats, float(lo), float(hi))
 
 
@@ -149,7 +156,8 @@ class _Hist:
         return self.value(_tail_position(self.p, tail)), self.value(self.n - _tail_position(self.p[::-1], tail))
 
     # -- mse ----------------------------------------------------------------------------
-    def mse(self) -> tuple[float, float]:
+    def mse(self, noise_weight: float) -> tuple[float, float]:
+        """The range of least clipping error + ``noise_weight`` x rounding noise."""
         p, n = self.p, self.n
         centers = np.arange(n) + 0.5
         c0 = np.concatenate(([0.0], np.cumsum(p)))
@@ -169,7 +177,7 @@ class _Hist:
             if zero_bin is not None:
                 inside = inside - np.where((ma <= zero_bin) & (zero_bin < mb), zero_mass, 0.0)
             step = (b - a) / _STEPS
-            return np.maximum(below, 0.0) + np.maximum(above, 0.0) + inside * step * step / 12.0
+            return np.maximum(below, 0.0) + np.maximum(above, 0.0) + noise_weight * inside * step * step / 12.0
 
         lows, highs = self._ends()
         a = np.array([lows[0]])
