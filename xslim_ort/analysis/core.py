@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from ..calibration.batches import Batch, BatchSource
 from ..calibration.methods import compute_range, normalize_percentile
-from ..errors import DataError
+from ..errors import DataError, ModelError
 from ..model_io import infer_shapes, load_model, needs_external_data
 from ..qparams import dequantize
 from .graph import QDQGraph, QuantPoint, Region, with_outputs
@@ -295,8 +295,13 @@ class _Run:
             for p in chunk:
                 st = stats[p.tensor]
                 fval = fvals[p.name]
-                st.hist.add(fval)
                 qval = dequantize(qvals[p.q_output], p.scale, p.zero_point, p.axis)
+                if np.shape(fval) != np.shape(qval):
+                    raise ModelError(
+                        f"tensor '{p.name}' has shape {list(np.shape(fval))} in the float model but "
+                        f"{list(np.shape(qval))} in the quantized one: the two models do not match"
+                    )
+                st.hist.add(fval)
                 st.qmin, st.qmax = min(st.qmin, float(qval.min())), max(st.qmax, float(qval.max()))
                 st.cumulative.add(fval, qval)
             if out_acc is not None:

@@ -93,7 +93,6 @@ class QDQGraph:
         self.producer = {out: i for i, node in enumerate(self.nodes) for out in node.output if out}
         self.float_graph = FloatGraph(float_model)
         self.points = self._find_points()
-        self.by_q_output = {p.q_output: p for p in self.points}
         self._dq_to_point = {dq: p for p in self.points for dq in p.dq_outputs}
 
     def _constant(self, name: str) -> np.ndarray | None:
