@@ -392,6 +392,16 @@ def test_files_are_deterministic_and_complete(chain: dict[str, object], tmp_path
     assert "<script" not in page and page.count('class="histogram"') == 6
 
 
+def test_a_model_without_quantized_activations(chain: dict[str, object], tmp_path: Path) -> None:
+    """FP16 or weight-only models have no activation Q/DQ: the report still gives the outputs."""
+    report = analyze(chain["float"], chain["float"], source_from_batches(chain["data"]), num_threads=1)
+    assert report.layers == () and report.suggestions == ()
+    # float rounding only: the float model runs with ONNX Runtime's full optimizations
+    assert report.output_sqnr_db["y"] > 100 and report.output_cosine["y"] == pytest.approx(1.0)
+    paths = report.write(tmp_path, "same")
+    assert "nothing to suggest" in paths[0].read_text()
+
+
 def test_console_summary(chain: dict[str, object]) -> None:
     text = _run(chain, model="bad", suggestions=1).console_summary()
     assert re.search(r"output y: SQNR -?\d+\.\d\d dB, cosine 0\.\d{6}", text)
@@ -416,7 +426,7 @@ def _fake_report(name: str) -> AnalysisReport:
         quant_range=(-1.0, 1.0),
         histogram=Histogram(lo=-1.0, hi=1.0, counts=tuple(range(128))),
         cumulative=stats,
-        isolated=stats,
+        isolated=ErrorStats(snr=0.0, sqnr_db=math.inf, mse=0.0, cosine=1.0),  # error-free
         isolated_output_sqnr_db=30.0,
         note=name,
     )
@@ -439,6 +449,8 @@ def test_model_strings_are_escaped() -> None:
     page = render_html(_fake_report(nasty))
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "&amp;amp;" in page  # the literal "&amp;" in the name is escaped, not trusted
+    layer = json.loads(_fake_report(nasty).to_json())["layers"][0]
+    assert layer["isolated"] == {"snr": 0.0, "sqnr_db": None, "mse": 0.0, "cosine": 1.0}  # JSON has no inf
     md = _fake_report(nasty).to_markdown()
     assert "</script>\\|&amp;'" in md  # a pipe cannot break the table, a backtick the code span
 
