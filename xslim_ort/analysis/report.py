@@ -284,13 +284,13 @@ class AnalysisReport:
                     f"{fmt_db(layer.isolated_output_sqnr_db):>9}  {fmt_db(i and i.sqnr_db):>7}  "
                     f"{fmt_db(c and c.sqnr_db):>7}"
                 )
-        for s in self.suggestions:
-            best = s.best
-            if best is not None and best.gain_db > 0:
-                lines.append(
-                    f"  fix {s.tensor}: {FIX_NAMES[best.kind]} -> output SQNR {best.gain_db:+.2f} dB: "
-                    f"{setting_json(best)}"
-                )
+        helpful = [(s.tensor, s.best) for s in self.suggestions if s.best is not None and s.best.gain_db > 0]
+        if helpful:
+            lines.append("Measured fixes (custom_setting entries; each measured alone):")
+            lines += [
+                f"  fix {tensor}: {FIX_NAMES[best.kind]} -> output SQNR {best.gain_db:+.2f} dB: {setting_json(best)}"
+                for tensor, best in helpful
+            ]
         if self.float_kept:
             lines.append(f"Kept in float by the quantizer: {', '.join(sorted(self.float_kept))}")
         return "\n".join(lines)
