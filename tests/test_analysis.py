@@ -241,22 +241,25 @@ def test_points_regions_and_names(chain: dict[str, object]) -> None:
 
 
 def test_isolated_error_is_the_fake_quantization_of_the_float_tensor(chain: dict[str, object]) -> None:
-    report = _run(chain, suggestions=0)
+    report = _run(chain, suggestions=0, isolated_samples=5)
+    assert report.samples == 12 and report.isolated_samples == 5
     layers = {layer.tensor: layer for layer in report.layers}
     floats = _float_values(chain["float"], ["x", *CHAIN], chain["data"])
     for name in ["x", *CHAIN]:
         scale, zp = _qparams(chain["qdq"], name)
-        expected = sqnr_db(floats[name], _fake_quant(floats[name], scale, zp))
+        first = floats[name][:5]  # isolated errors: the first 5 samples
+        expected = sqnr_db(first, _fake_quant(first, scale, zp))
         assert layers[name].isolated.sqnr_db == pytest.approx(expected, abs=1e-3), name
         assert layers[name].float_range == (float(floats[name].min()), float(floats[name].max()))
         qmin, qmax = (ACT_QMIN - int(zp)) * float(scale), (ACT_QMAX - int(zp)) * float(scale)
         assert layers[name].clip_range == pytest.approx((qmin, qmax))
     # the input is quantized first: cumulative and isolated are the same thing there
-    assert layers["x"].cumulative.sqnr_db == pytest.approx(layers["x"].isolated.sqnr_db, abs=1e-6)
+    x = floats["x"]
+    assert layers["x"].cumulative.sqnr_db == pytest.approx(sqnr_db(x, _fake_quant(x, *_qparams(chain["qdq"], "x"))))
     # the last point is the model output: its cumulative error is the model's error
     assert layers["y"].cumulative.sqnr_db == pytest.approx(report.output_sqnr_db["y"], abs=1e-9)
     assert layers["y"].isolated.sqnr_db == pytest.approx(layers["y"].isolated_output_sqnr_db, abs=1e-4)
-    assert report.samples == 12 and sum(layers["r1"].histogram.counts) == 12 * 8 * 8 * 8
+    assert sum(layers["r1"].histogram.counts) == 12 * 8 * 8 * 8
 
 
 def test_terrible_scale_ranks_first_by_isolated_but_not_by_cumulative(chain: dict[str, object]) -> None:
@@ -325,7 +328,8 @@ def test_uint8_activations(chain: dict[str, object], tmp_path: Path) -> None:
     qdq = onnx.load(str(tmp_path / "q.onnx"))
     float_model = _lossless_weights(onnx.load(str(tmp_path / "f.onnx")), qdq)
     _set_scale(qdq, "r2", 16.0)
-    report = analyze(float_model, qdq, source_from_batches(chain["data"]), suggestions=1, num_threads=1)
+    source = source_from_batches(chain["data"])
+    report = analyze(float_model, qdq, source, suggestions=1, num_threads=1, isolated_samples=12)
     r2 = next(layer for layer in report.layers if layer.tensor == "r2")
     assert r2.dtype == "uint8" and report.ranked[0].tensor == "r2"
     scale, zp = _qparams(qdq, "r2")
@@ -435,6 +439,7 @@ def _fake_report(name: str) -> AnalysisReport:
         float_model=name,
         quant_model=name,
         samples=1,
+        isolated_samples=1,
         outputs=(OutputReport(name, stats),),
         layers=(layer,),
         suggestions=(Suggestion(name, 30.0, (fix,)),),
@@ -558,7 +563,7 @@ def test_analyze_command_on_a_config(chain: dict[str, object], tmp_path: Path) -
         [str(tmp_path / "chain.onnx"), str(tmp_path / "chain.q.onnx"), "-c", str(tmp_path / "cfg.json")],
     )
     assert result.exit_code == 0, result.output
-    assert "Quantization analysis on 5 samples, 7 quantized tensors" in result.output
+    assert "Quantization analysis on 5 samples (isolated errors on 5), 7 quantized tensors" in result.output
     report = json.loads((tmp_path / "chain.q_report.json").read_text())
     assert report["samples"] == 5 and report["layers"][1]["tensor"] == "r1"
     assert (tmp_path / "chain.q_report.html").is_file() and (tmp_path / "chain.q_report.md").is_file()

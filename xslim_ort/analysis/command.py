@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .core import analyze
+from .core import DEFAULT_ISOLATED_SAMPLES, analyze
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -42,6 +42,13 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     help="Samples to compare [default: the config's analysis_samples].",
 )
 @click.option(
+    "--isolated-samples",
+    type=click.IntRange(min=1),
+    default=DEFAULT_ISOLATED_SAMPLES,
+    show_default=True,
+    help="Samples for the isolated errors (one model run per layer and sample).",
+)
+@click.option(
     "--suggestions",
     type=click.IntRange(min=0),
     default=5,
@@ -56,6 +63,7 @@ def analyze_command(
     working_dir: Path | None,
     prefix: str | None,
     samples: int | None,
+    isolated_samples: int,
     suggestions: int,
     threads: int | None,
 ) -> None:
@@ -75,6 +83,7 @@ def analyze_command(
             quant_model,
             source,
             max_samples=samples,
+            isolated_samples=isolated_samples,
             suggestions=suggestions,
             max_percentile=qp.max_percentile,
             num_threads=threads,

@@ -16,6 +16,7 @@ op, QuantizeLinear) on every platform.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from .stats import ErrorAccumulator, ErrorStats, StreamingHistogram
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 128 << 20
+DEFAULT_ISOLATED_SAMPLES = 8
 HISTOGRAM_BINS = 128
 
 
@@ -63,9 +65,13 @@ def analyze(
     max_percentile: float = DEFAULT_PERCENTILE,
     num_threads: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    isolated_samples: int = DEFAULT_ISOLATED_SAMPLES,
 ) -> AnalysisReport:
     """Compare a QDQ model with its float model, tensor by tensor, on up to ``max_samples``.
 
+    ``isolated_samples``: the isolated errors use the first of the samples only (whole
+    batches covering at least this many): they cost one model run per layer and sample,
+    and ranking the layers needs fewer samples than the statistics do.
     ``suggestions``: how many of the worst layers (by isolated error) get measured fixes.
     ``float_kept``: tensor or op name -> why the quantizer left it in float (shown as is).
     ``num_threads``: ONNX Runtime intra-op threads (None: its default).
@@ -79,12 +85,13 @@ def analyze(
         providers=list(providers or ["CPUExecutionProvider"]),
         num_threads=num_threads,
     )
-    layers, outputs = run.measure(chunk_bytes)
+    layers, outputs = run.measure(chunk_bytes, isolated_samples=isolated_samples)
     fixes = run.suggest(layers, suggestions, max_percentile)
     return AnalysisReport(
         float_model=_label(float_model),
         quant_model=_label(quant_model),
         samples=run.samples,
+        isolated_samples=run.isolated_samples,
         outputs=tuple(outputs),
         layers=tuple(layers),
         suggestions=tuple(fixes),
@@ -119,7 +126,7 @@ def measure_fixes(
     if missing:
         raise DataError(f"not quantized activation tensors of the model: {', '.join(missing)}")
     chosen = [by_name[t] for t in tensors]
-    layers, _ = run.measure(DEFAULT_CHUNK_BYTES, points=chosen, isolated=False)
+    layers, _ = run.measure(DEFAULT_CHUNK_BYTES, points=chosen)
     return run.suggest(layers, len(layers), max_percentile, ranked=False)
 
 
@@ -157,6 +164,9 @@ class _Run:
         self.providers = providers
         self.num_threads = num_threads
         self.samples = 0
+        self.isolated_samples = 0
+        self.isolated_batches = 0
+        self.batch_sizes: list[int] = []  # samples in each batch of a pass
         self.float_outputs: list[dict[str, np.ndarray]] = []
         self.baseline: dict[str, ErrorStats | None] = {}
         self.hists: dict[str, StreamingHistogram] = {}
@@ -215,9 +225,9 @@ class _Run:
     # -- pass over the samples -------------------------------------------------------------
 
     def measure(
-        self, chunk_bytes: int, points: Sequence[QuantPoint] | None = None, isolated: bool = True
+        self, chunk_bytes: int, points: Sequence[QuantPoint] | None = None, isolated_samples: int = 0
     ) -> tuple[list[LayerReport], list[OutputReport]]:
-        """Per-point statistics over all samples; the model outputs' error on the way."""
+        """Per-point statistics over all samples (isolated errors over the first ones)."""
         points = list(self.graph.points if points is None else points)
         measurable = [p for p in points if p.float_name is not None]
         chunks = self._chunks(measurable, chunk_bytes) or [[]]
@@ -227,8 +237,12 @@ class _Run:
             log.info("analysis: tensors, chunk %d/%d (%d tensors)", n + 1, len(chunks), len(chunk))
             self._measure_chunk(chunk, stats, out_acc if n == 0 else None)
         self.baseline = {o: acc.result() for o, acc in out_acc.items()}
+        self.samples = sum(self.batch_sizes)
         self.hists = {t: s.hist for t, s in stats.items()}
-        if isolated:
+        if isolated_samples > 0:
+            covered = list(itertools.accumulate(self.batch_sizes))
+            self.isolated_batches = next((k + 1 for k, n in enumerate(covered) if n >= isolated_samples), len(covered))
+            self.isolated_samples = covered[self.isolated_batches - 1]
             for n, p in enumerate(measurable):
                 log.info("analysis: isolated error, layer %d/%d", n + 1, len(measurable))
                 self._isolate(p, stats[p.tensor])
@@ -287,9 +301,7 @@ class _Run:
         exposed = sorted({p.name for p in chunk} - self.graph.float_graph.inputs)
         fsess = self._session(with_outputs(self.float_model, exposed), optimize=True)
         qsess = self._session(with_outputs(self.graph.model, [p.q_output for p in chunk]), optimize=False)
-        samples = 0
         for batch in self._samples():
-            samples += _batch_len(batch)
             fvals = {**batch, **self._run(fsess, batch)}
             qvals = self._run(qsess, batch)
             for p in chunk:
@@ -305,10 +317,10 @@ class _Run:
                 st.qmin, st.qmax = min(st.qmin, float(qval.min())), max(st.qmax, float(qval.max()))
                 st.cumulative.add(fval, qval)
             if out_acc is not None:
+                self.batch_sizes.append(_batch_len(batch))
                 self.float_outputs.append({o: fvals[o] for o in self.outputs})
                 for o, acc in out_acc.items():
                     acc.add(fvals[o], qvals[o])
-        self.samples = samples
 
     def _isolate(self, p: QuantPoint, st: _PointStats) -> None:
         """The layer alone quantized: its error at its tensor and at the model outputs."""
@@ -319,7 +331,8 @@ class _Run:
         model, float_out = built
         sess = self._session(model, optimize=True)
         accs = {o: ErrorAccumulator() for o in self.outputs}
-        for batch, ref in zip(self._samples(), self.float_outputs, strict=True):
+        batches = itertools.islice(self._samples(), self.isolated_batches)
+        for batch, ref in zip(batches, self.float_outputs[: self.isolated_batches], strict=True):
             vals = {**batch, **self._run(sess, batch)}
             st.isolated.add(vals[float_out], dequantize(vals[p.q_output], p.scale, p.zero_point, p.axis))
             for o, acc in accs.items():

@@ -58,7 +58,8 @@ def render_html(report: AnalysisReport) -> str:
         "<h1>Quantization analysis</h1>",
         '<section id="summary">',
         f"<p>Float model <code>{e(report.float_model)}</code>, quantized model "
-        f"<code>{e(report.quant_model)}</code>; {report.samples} samples, "
+        f"<code>{e(report.quant_model)}</code>; {report.samples} samples (isolated errors: the first "
+        f"{report.isolated_samples}), "
         f"{len(report.layers)} quantized activation tensors.</p>",
         "<table><tr><th>Output</th><th>SQNR (dB)</th><th>Cosine</th><th>SNR (noise/signal)</th><th>MSE</th></tr>",
     ]

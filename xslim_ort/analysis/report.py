@@ -100,6 +100,7 @@ class AnalysisReport:
     float_model: str
     quant_model: str
     samples: int
+    isolated_samples: int  # the first samples, on which the isolated errors were measured
     outputs: tuple[OutputReport, ...]
     layers: tuple[LayerReport, ...]  # graph order
     suggestions: tuple[Suggestion, ...]
@@ -140,6 +141,7 @@ class AnalysisReport:
                 "float_model": self.float_model,
                 "quant_model": self.quant_model,
                 "samples": self.samples,
+                "isolated_samples": self.isolated_samples,
                 "max_percentile": self.max_percentile,
                 "outputs": [{"name": o.name, **_stats(o.stats)} for o in self.outputs],
                 "layers": [_layer_dict(layer, ranks[layer.index]) for layer in self.layers],
@@ -175,7 +177,8 @@ class AnalysisReport:
             "",
             f"- Float model: `{_md(self.float_model)}`",
             f"- Quantized model: `{_md(self.quant_model)}`",
-            f"- Samples: {self.samples}; quantized activation tensors: {len(self.layers)}",
+            f"- Samples: {self.samples} (isolated errors: the first {self.isolated_samples}); "
+            f"quantized activation tensors: {len(self.layers)}",
             "",
             "## Model outputs",
             "",
@@ -265,7 +268,10 @@ class AnalysisReport:
 
     def console_summary(self, rows: int = CONSOLE_ROWS) -> str:
         """The model's output error, the worst layers as a table, and the best fixes."""
-        lines = [f"Quantization analysis on {self.samples} samples, {len(self.layers)} quantized tensors"]
+        lines = [
+            f"Quantization analysis on {self.samples} samples (isolated errors on {self.isolated_samples}), "
+            f"{len(self.layers)} quantized tensors"
+        ]
         for o in self.outputs:
             s = o.stats
             lines.append(f"  output {o.name}: SQNR {fmt_db(s and s.sqnr_db)} dB, cosine {fmt_cos(s and s.cosine)}")
