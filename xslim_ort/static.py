@@ -13,9 +13,9 @@ from .calibration.cache import build_batch_source
 from .calibration.collectors import collect_statistics
 from .calibration.methods import compute_ranges, needs_histogram
 from .calibration.range_cache import fingerprint, load_ranges, save_ranges
-from .calibration.readers import data_fingerprint, providers_for, resolve_inputs
+from .calibration.readers import data_fingerprint, list_file_path, providers_for, read_list, resolve_inputs
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .pipeline import Job, prepare_model
 from .quantizer import TargetQuantizer, activations_to_calibrate
 from .regions import excluded_nodes, tensor_methods
@@ -34,6 +34,9 @@ def check_static_inputs(config: Config) -> None:
     for i, entry in enumerate(config.inputs):
         if not entry.data_list_path:
             raise ConfigError(f"calibration_parameters.input_parametres[{i}].data_list_path is required")
+        for sample in read_list(list_file_path(config, entry, i)):  # fail before any slow stage
+            if not sample.path.is_file():
+                raise DataError(f"{sample.where}: file not found: {sample.path}")
 
 
 def quantize_static_job(job: Job) -> onnx.ModelProto:
