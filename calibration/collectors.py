@@ -4,7 +4,9 @@ Pass 1 adds ReduceMin/ReduceMax/ReduceSum/Size nodes to a copy of the model, so 
 Runtime hands back four scalars per tensor and nothing else. Pass 2 (only for tensors
 that need a histogram) fetches the raw tensors one batch at a time and folds each into a
 fixed-range histogram over pass 1's [min, max]: the bins never regrow, and a batch's
-activations are dropped as soon as it is counted. Inference of the next batch runs on a
+activations are dropped as soon as it is counted. A tensor holding more than
+``SAMPLE_CAP`` values in a batch contributes a strided sample of them, so pass 2 costs
+about as much NumPy time per batch whatever the resolution. Inference of the next batch runs on a
 worker thread while NumPy counts the current one; counts are integers, so the result does
 not depend on the order or the thread timing.
 
@@ -45,6 +47,7 @@ from .batches import Batch, BatchSource
 
 log = logging.getLogger(__name__)
 
+SAMPLE_CAP = 1 << 16  # values of one tensor histogrammed per batch (see TensorStats.hist)
 SENTINEL_MIN_ABS = 1e4
 SENTINEL_GAP = 256.0
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}  # NumPy has no bfloat16
@@ -63,7 +66,11 @@ class TensorStats:
     max: float
     count: int  # number of finite values seen
     nonfinite: int  # number of NaN/Inf values seen
-    hist: np.ndarray | None  # int64 counts over [hist_lo, hist_hi], or None
+    # int64 counts over [hist_lo, hist_hi], or None. A batch holding more than SAMPLE_CAP
+    # values of the tensor contributes every k-th one (the offset turning with the batch
+    # number): a histogram only ever serves as a distribution, and this bounds pass 2's
+    # cost; min, max and count are always exact.
+    hist: np.ndarray | None
     hist_lo: float  # the bulk's range: [min, max] unless sentinels were set aside
     hist_hi: float
     below: int = 0  # finite sentinels below hist_lo (not in hist)
@@ -394,6 +401,8 @@ def _session(
     if session_options is None:
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # Spinning ORT workers would fight the NumPy thread of pass 2 (and other processes).
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     if model.ByteSize() < _PROTO_LIMIT and not any(_is_external(t) for t in model.graph.initializer):
         return ort.InferenceSession(model.SerializeToString(), session_options, providers=providers)
@@ -444,12 +453,15 @@ def _pass_histograms(
     """
     fetch = [a.name for a in accs if a.name not in graph_inputs]
     scratch = _Scratch()
-    for batch, outputs in _prefetch(session, fetch, batches):
+    for i, (batch, outputs) in enumerate(_prefetch(session, fetch, batches)):
         for a in accs:
             value = outputs[a.name] if a.name in outputs else batch[a.name]
             x = np.ascontiguousarray(value, dtype=np.float32).reshape(-1)
             if careful and a.irregular:
                 x = a.add_careful(x)
+            elif not a.irregular and x.size > SAMPLE_CAP:  # every k-th value, offset by batch number
+                k = -(-x.size // SAMPLE_CAP)
+                x = x[i % k :: k]
             if a.hist is not None:
                 a.add_to_histogram(x, scratch)
         del batch, outputs

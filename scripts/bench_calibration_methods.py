@@ -66,6 +66,17 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
     return [v.name for v in (*g.input, *g.value_info, *g.output) if v.type.tensor_type.elem_type == 1]
 
 
+def target_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The simplified model and the activations the spacemit target quantizes (what the pipeline calibrates)."""
+    from xslim_ort.targets import load_target
+
+    from xslim_ort.model_io import infer_shapes, simplify
+    from xslim_ort.quantizer import activations_to_calibrate
+
+    model = infer_shapes(simplify(model))
+    return model, activations_to_calibrate(model, load_target("spacemit"))
+
+
 def quantized_scores(model_path: Path, ranges: dict, evals: list[Batch], threads: int) -> tuple[float, float]:
     """Output SQNR (dB) and cosine of ORT's QDQ model with ``ranges`` vs the float model."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,13 +105,20 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--eval", type=int, default=69)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tensors", choices=("all", "target"), default="all",
+                    help="all float tensors, or those the spacemit target quantizes (simplified model)")
     ap.add_argument("--sqnr", action="store_true", help="also quantize and score each method")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
     model_path = args.zoo / "models" / f"{args.model}.onnx"
     model = onnx.load(str(model_path))
-    names = float_tensors(model)
+    if args.tensors == "target":
+        model, names = target_tensors(model)
+        model_path = Path(tempfile.mkdtemp(prefix="bench_calib.")) / "simplified.onnx"
+        onnx.save(model, str(model_path))
+    else:
+        names = float_tensors(model)
     source = source_from_batches(image_batches(args.zoo, args.model, "calib.txt", args.samples))
     so = session_options(args.threads)
 

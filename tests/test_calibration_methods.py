@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from onnxruntime.quantization.calibrate import CalibrationDataReader, TensorsData
 from xslim_ort.calibration.batches import source_from_batches
 from xslim_ort.calibration.calibrators import StreamingCalibrater
-from xslim_ort.calibration.collectors import SENTINEL_MIN_ABS, TensorStats, collect_statistics
+from xslim_ort.calibration.collectors import SAMPLE_CAP, SENTINEL_MIN_ABS, TensorStats, collect_statistics
 from xslim_ort.calibration.methods import (
     METHODS,
     compute_range,
@@ -141,6 +141,22 @@ def test_collection_does_not_keep_activations():
     per_batch = 3 * one.nbytes
     assert stats["r"].count == 200 * one.size
     assert peak < 12 * per_batch, (peak, per_batch)  # all activations would be 200 * per_batch
+
+
+def test_large_tensors_are_histogrammed_on_a_strided_sample():
+    rng = np.random.default_rng(12)
+    size = 4 * SAMPLE_CAP + 3
+    xs = [rng.standard_normal(size).astype(np.float32) for _ in range(3)]
+    model = _model([helper.make_node("Identity", ["x"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])
+    s = collect_statistics(model, ["y"], source_from_batches([{"x": x} for x in xs]), session_options=_options())["y"]
+    flat = np.concatenate(xs)
+    assert s.count == flat.size and (s.min, s.max) == (flat.min(), flat.max())  # exact
+    assert s.hist.sum() == sum(x[i % 5 :: 5].size for i, x in enumerate(xs))  # every 5th, offset turning
+    lo, hi = compute_range(s, "percentile", max_percentile=0.999)
+    assert lo == pytest.approx(np.quantile(flat, 0.001), abs=0.03)
+    assert hi == pytest.approx(np.quantile(flat, 0.999), abs=0.03)
 
 
 def test_collection_is_deterministic():
@@ -289,6 +305,9 @@ def test_default_and_all_methods_give_ranges_inside_the_data():
         lo, hi = compute_range(s, method)
         assert s.min <= lo < 0 < hi <= s.max
         assert needs_histogram(method) == (method != "minmax")
+    # default weighs rounding noise more than mse: never a wider range
+    (dlo, dhi), (mlo, mhi) = compute_range(s, "default"), compute_range(s, "mse")
+    assert mlo <= dlo and dhi <= mhi and (dlo, dhi) != (mlo, mhi)
     with pytest.raises(ConfigError, match="calibration_type"):
         compute_range(s, "entropy")
     no_hist = TensorStats("t", -1.0, 2.0, 10, 0, None, -1.0, 2.0)
