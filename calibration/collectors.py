@@ -223,7 +223,7 @@ class _Accumulator:
     def needs_rehist(self) -> bool:
         """True when pass 2's histogram range was not the bulk's range (sentinels or NaN/Inf)."""
         lo, hi, _, _ = self.finish_careful()
-        return self.hist is None or (lo, hi) != (self.lo, self.hi) or self.below + self.above > 0
+        return self.hist is None or (lo, hi) != (self.lo, self.hi)
 
     def start_bulk_histogram(self, num_bins: int) -> None:
         lo, hi, _, _ = self.finish_careful()

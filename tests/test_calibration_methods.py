@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 from onnxruntime.quantization.calibrate import CalibrationDataReader, TensorsData
+from xslim_ort.calibration import collectors
 from xslim_ort.calibration.batches import source_from_batches
 from xslim_ort.calibration.calibrators import StreamingCalibrater
 from xslim_ort.calibration.collectors import SAMPLE_CAP, SENTINEL_MIN_ABS, TensorStats, collect_statistics
@@ -141,6 +142,21 @@ def test_collection_does_not_keep_activations():
     per_batch = 3 * one.nbytes
     assert stats["r"].count == 200 * one.size
     assert peak < 12 * per_batch, (peak, per_batch)  # all activations would be 200 * per_batch
+
+
+def test_models_over_the_protobuf_limit_go_through_external_data(monkeypatch):
+    rng = np.random.default_rng(13)
+    xs = [{"x": rng.standard_normal((1, 2, 5, 5)).astype(np.float32)} for _ in range(3)]
+    big = onnx.ModelProto()
+    big.CopyFrom(_conv_relu_model())
+    big.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(4096, np.float32), "unused"))
+    expected = collect_statistics(big, ["c", "r"], source_from_batches(xs), session_options=_options())
+    monkeypatch.setattr(collectors, "_PROTO_LIMIT", 1000)
+    got = collect_statistics(big, ["c", "r"], source_from_batches(xs), session_options=_options())
+    assert big.graph.initializer[-1].data_location == TensorProto.DEFAULT  # caller's model untouched
+    for name in ("c", "r"):
+        assert (got[name].min, got[name].max) == (expected[name].min, expected[name].max)
+        assert np.array_equal(got[name].hist, expected[name].hist)
 
 
 def test_large_tensors_are_histogrammed_on_a_strided_sample():
