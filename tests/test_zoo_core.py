@@ -10,13 +10,13 @@ import onnx
 import pytest
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 from onnxruntime.quantization import quantize_static as ort_quantize_static
-
 from xslim_ort.calibration.readers import XSlimDataReader
+from xslim_ort.targets import load_target
+
 from xslim_ort.check import check_model
 from xslim_ort.cli import main
 from xslim_ort.config import load_config
 from xslim_ort.qparams import sqnr_db
-from xslim_ort.targets import load_target
 
 PREPROCESS = {
     "mobilenet_v2": {"mean_value": [123.675, 116.28, 103.53], "std_value": [58.395, 57.12, 57.375]},
@@ -88,5 +88,5 @@ def test_zoo_model_beats_ort_baseline(zoo, tmp_path, name):
     rep = check_model(qmodel, load_target("spacemit"), float_model)
     assert rep.errors == []
     weighted = [n for n in qmodel.graph.node if n.op_type in ("Conv", "Gemm")]
-    assert rep.stats["quantized_weights"] == len(weighted) > 50
+    assert rep.stats["quantized_weights"] == len(weighted) >= 50
     assert [i.name for i in qmodel.graph.input] == ["input"] and [o.name for o in qmodel.graph.output] == ["logits"]
