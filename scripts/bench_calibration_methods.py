@@ -30,26 +30,38 @@ from xslim_ort.calibration.methods import METHODS, compute_ranges
 
 from xslim_ort.qparams import cosine, sqnr_db
 
-MEAN = {"mobilenet_v2": (123.675, 116.28, 103.53), "efficientnet_lite0": (127.0, 127.0, 127.0)}
-STD = {"mobilenet_v2": (58.395, 57.12, 57.375), "efficientnet_lite0": (128.0, 128.0, 128.0)}
+# zoo/README.md: input name, colour order, resizing, and mean/std on the 0-255 pixel scale.
+PREPROCESS = {
+    "mobilenet_v2": ("input", "rgb", 224, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "efficientnet_lite0": ("input", "rgb", 224, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
+    "ppocr_v6_tiny_det": ("x", "bgr", 640, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+}
 
 
 def image_batches(zoo: Path, model: str, list_name: str, count: int) -> list[Batch]:
-    """RGB, short side 256, centre crop 224, (x - mean) / std, NCHW; one image per batch."""
+    """One image per batch, NCHW, preprocessed as the zoo README says for ``model``.
+
+    Classifiers: short side to 256, centre crop 224. The detector: straight to 640x640.
+    """
+    name, colour, size, mean, std = PREPROCESS[model]
     listing = zoo / "images" / list_name
     lines = [line.strip() for line in listing.read_text().splitlines() if line.strip()][:count]
-    mean = np.array(MEAN[model], np.float32)
-    std = np.array(STD[model], np.float32)
     out = []
     for line in lines:
-        img = cv2.imread(str(listing.parent / line), cv2.IMREAD_COLOR)[:, :, ::-1]
-        h, w = img.shape[:2]
-        s = 256 / min(h, w)
-        img = cv2.resize(img, (max(224, round(w * s)), max(224, round(h * s))), interpolation=cv2.INTER_LINEAR)
-        h, w = img.shape[:2]
-        y, x = (h - 224) // 2, (w - 224) // 2
-        img = (img[y : y + 224, x : x + 224].astype(np.float32) - mean) / std
-        out.append({"input": np.ascontiguousarray(img.transpose(2, 0, 1)[None])})
+        img = cv2.imread(str(listing.parent / line), cv2.IMREAD_COLOR)
+        if colour == "rgb":
+            img = img[:, :, ::-1]
+        if size == 224:
+            h, w = img.shape[:2]
+            s = 256 / min(h, w)
+            img = cv2.resize(img, (max(224, round(w * s)), max(224, round(h * s))), interpolation=cv2.INTER_LINEAR)
+            h, w = img.shape[:2]
+            y, x = (h - 224) // 2, (w - 224) // 2
+            img = img[y : y + 224, x : x + 224]
+        else:
+            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+        img = (img.astype(np.float32) - np.array(mean, np.float32)) / np.array(std, np.float32)
+        out.append({name: np.ascontiguousarray(img.transpose(2, 0, 1)[None])})
     return out
 
 
@@ -101,7 +113,7 @@ def quantized_scores(model_path: Path, ranges: dict, evals: list[Batch], threads
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "zoo")
-    ap.add_argument("--model", default="mobilenet_v2", choices=sorted(MEAN))
+    ap.add_argument("--model", default="mobilenet_v2", choices=sorted(PREPROCESS))
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--eval", type=int, default=69)
     ap.add_argument("--threads", type=int, default=1)
