@@ -20,10 +20,8 @@ import itertools
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -32,7 +30,7 @@ import onnxruntime as ort
 from ..calibration.batches import Batch, BatchSource
 from ..calibration.methods import compute_range, normalize_percentile
 from ..errors import DataError, ModelError
-from ..model_io import infer_shapes, load_model, needs_external_data
+from ..model_io import infer_shapes, load_model
 from ..qparams import dequantize
 from .graph import QDQGraph, QuantPoint, Region, with_outputs
 from .report import (
@@ -45,6 +43,7 @@ from .report import (
     Suggestion,
 )
 from .stats import ErrorAccumulator, ErrorStats, StreamingHistogram
+from .weights import WeightStore
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +156,9 @@ class _Run:
     ) -> None:
         if max_samples < 1:
             raise DataError(f"the analysis needs at least one sample (max_samples={max_samples})")
-        self.float_model = float_model
-        self.graph = QDQGraph(quant_model, float_model)
+        self.store = WeightStore()
+        self.float_model = self.store.detach(float_model, "float")
+        self.graph = QDQGraph(self.store.detach(quant_model, "quant"), self.float_model, self.store.value)
         self.batches = batches
         self.max_samples = max_samples
         self.providers = providers
@@ -204,12 +204,8 @@ class _Run:
         opts.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         )
-        if not needs_external_data(model):
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
-        with tempfile.TemporaryDirectory(prefix="xslim_analysis_") as tmp:
-            path = Path(tmp) / "model.onnx"
-            onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(str(path), opts, providers=self.providers)
+        self.store.attach(model, opts)
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
 
     @staticmethod
     def _run(session: ort.InferenceSession, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

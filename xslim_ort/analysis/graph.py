@@ -18,7 +18,7 @@ that is "at fault" for the point's own error. Derived models:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,8 +83,14 @@ class Region:
 class QDQGraph:
     """Index of a QDQ model: producers, constants, quantization points and their regions."""
 
-    def __init__(self, quant: onnx.ModelProto, float_model: onnx.ModelProto) -> None:
+    def __init__(
+        self,
+        quant: onnx.ModelProto,
+        float_model: onnx.ModelProto,
+        value: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array,
+    ) -> None:
         self.model = quant
+        self._value = value
         graph = quant.graph
         self.nodes = list(graph.node)
         self.initializers = {t.name: t for t in graph.initializer}
@@ -95,9 +101,13 @@ class QDQGraph:
         self.points = self._find_points()
         self._dq_to_point = {dq: p for p in self.points for dq in p.dq_outputs}
 
+    def _is_constant(self, name: str) -> bool:
+        idx = self.producer.get(name)
+        return name in self.initializers or (idx is not None and self.nodes[idx].op_type == "Constant")
+
     def _constant(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return self._value(self.initializers[name])
         idx = self.producer.get(name)
         if idx is not None and self.nodes[idx].op_type == "Constant":
             for attr in self.nodes[idx].attribute:
@@ -115,7 +125,7 @@ class QDQGraph:
             node = self.nodes[i]
             if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
                 continue
-            if self._constant(node.input[0]) is not None or self._constant(node.input[1]) is None:
+            if self._is_constant(node.input[0]) or not self._is_constant(node.input[1]):
                 continue  # a weight, or a scale computed at run time: not a static activation point
             by_tensor.setdefault(node.input[0], []).append(i)
         points: list[QuantPoint] = []
