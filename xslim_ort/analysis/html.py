@@ -24,6 +24,7 @@ from .report import (
 )
 
 HIST_SHOWN = 6
+CHART_TOP_DB = 100.0
 HIST_BARS = 64
 
 _CSS = """
@@ -112,6 +113,7 @@ def _chart(report: AnalysisReport) -> str:
     }
     finite = [v for values in series.values() for v in values if v is not None and math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 40.0)
+    hi = min(hi, CHART_TOP_DB)  # near-lossless tensors would flatten the rest; they sit at the top
     step = _tick_step(hi - lo)
     lo, hi = math.floor(lo / step) * step, math.ceil(hi / step) * step
     if hi <= lo:
@@ -122,7 +124,7 @@ def _chart(report: AnalysisReport) -> str:
         return left + plot_w * (i + 0.5) / max(len(layers), 1)
 
     def y(v: float) -> float:
-        v = min(max(v, lo), hi)  # an error-free (infinite SQNR) layer sits at the top
+        v = min(max(v, lo), hi)
         return top + plot_h * (hi - v) / (hi - lo)
 
     out = [
