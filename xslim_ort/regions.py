@@ -17,6 +17,9 @@ from .config import Config
 from .errors import ConfigError
 from .targets import Target
 
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+_GATHERS = ("Gather", "GatherElements", "GatherND")
+
 
 class GraphIndex:
     """Producer/consumer maps of a graph, built once."""
@@ -99,7 +102,7 @@ def excluded_nodes(model: onnx.ModelProto, config: Config, target: Target) -> se
         close = difflib.get_close_matches(unknown[0], sorted(names), n=3, cutoff=0.4)
         hint = f"; closest: {', '.join(close)}" if close else ""
         raise ConfigError(f"quantization_parameters.ignore_op_names: no node named '{unknown[0]}'{hint}")
-    excluded = set(qp.ignore_op_names)
+    excluded = set(qp.ignore_op_names) | mask_nodes(model)
     ignored_types = set(qp.ignore_op_types)
     excluded |= {n.name for n in index.nodes if n.op_type in ignored_types}
     if qp.truncate_var_names:
@@ -111,6 +114,29 @@ def excluded_nodes(model: onnx.ModelProto, config: Config, target: Target) -> se
         if cs.precision_level is not None and cs.precision_level >= 1:
             excluded |= {index.nodes[i].name for i in index.between(cs.input_names, cs.output_names)}
     return excluded
+
+
+def mask_nodes(model: onnx.ModelProto) -> set[str]:
+    """Nodes that never touch float data: attention masks, position ids, shape arithmetic.
+
+    Float data starts at float graph inputs and at embedding lookups (a Gather from a float
+    constant table). Whatever is computed from integer inputs and constants alone stays
+    float: its values are often meant to be exact, and ``(1 - mask) * -3.4e38`` turns a
+    rounding error of 1e-7 in ``1 - mask`` into 3e31.
+    """
+    consts = {i.name: i.data_type for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t.data_type
+    data = {i.name for i in model.graph.input if i.name not in consts and i.type.tensor_type.elem_type in _FLOATS}
+    out = set()
+    for node in model.graph.node:  # graph order is topological
+        embedding = node.op_type in _GATHERS and consts.get(node.input[0]) in _FLOATS
+        if embedding or any(i in data for i in node.input):
+            data.update(o for o in node.output if o)
+        elif node.op_type != "Constant":
+            out.add(node.name)
+    return out
 
 
 def truncated_nodes(index: GraphIndex, cut: list[str]) -> set[int]:

@@ -57,7 +57,12 @@ def level2_float_nodes(model: onnx.ModelProto, target: Target) -> dict[str, str]
 
 
 class SwitchableModel:
-    """A QDQ model whose every quantized tensor can be switched back to float per run."""
+    """A QDQ model whose every quantized tensor can be switched back to float per run.
+
+    Activations switch with ``Where(flag, dequantized, float)``. Weights switch on the
+    consumer's side instead: the op is duplicated with its float weights and a ``Where``
+    picks one output, which costs one more small matmul rather than a copy of the weight.
+    """
 
     def __init__(self, qmodel: onnx.ModelProto, float_model: onnx.ModelProto, threads: int = 2) -> None:
         model = onnx.ModelProto()
@@ -66,31 +71,47 @@ class SwitchableModel:
         inits = {i.name for i in model.graph.initializer}
         producers = {o: n for n in model.graph.node for o in n.output}
         self.flags: dict[str, str] = {}  # float tensor name -> flag input name
-        new_nodes = []
+        new_nodes: list[onnx.NodeProto] = []
         rename: dict[str, str] = {}
+        weight_dq: dict[str, str] = {}  # DQ output -> float weight name
         for node in model.graph.node:
             if node.op_type != "DequantizeLinear":
                 continue
             src = node.input[0]
-            if src in inits:  # a weight: int8 initializer -> DQ; the float one is in the float model
-                name = src[: -len("_quantized")] if src.endswith("_quantized") else None
-                if name is None or name not in float_inits:
-                    continue
-                model.graph.initializer.append(float_inits[name])
-                float_name = name
-            else:
-                q = producers.get(src)
-                if q is None or q.op_type != "QuantizeLinear":
-                    continue
-                float_name = q.input[0]
-            flag = self.flags.setdefault(float_name, f"__xslim_flag_{len(self.flags)}")
+            if src in inits:  # int8 initializer -> DQ; the float original is in the float model
+                name = src[: -len("_quantized")] if src.endswith("_quantized") else ""
+                if name in float_inits:
+                    weight_dq[node.output[0]] = name
+                continue
+            q = producers.get(src)
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            flag = self.flags.setdefault(q.input[0], f"__xslim_flag_{len(self.flags)}")
             switched = f"{node.output[0]}__switch"
-            new_nodes.append(helper.make_node("Where", [flag, node.output[0], float_name], [switched]))
+            new_nodes.append(helper.make_node("Where", [flag, node.output[0], q.input[0]], [switched]))
             rename[node.output[0]] = switched
         for node in model.graph.node:
             for i, name in enumerate(node.input):
                 if name in rename:
                     node.input[i] = rename[name]
+        added = set()
+        for node in list(model.graph.node):
+            weights = [weight_dq[i] for i in node.input if i in weight_dq]
+            if not weights or node.op_type == "DequantizeLinear":
+                continue
+            flag = self.flags.setdefault(weights[0], f"__xslim_flag_{len(self.flags)}")
+            for w in weights:
+                if w not in added:
+                    model.graph.initializer.append(float_inits[w])
+                    added.add(w)
+            twin = onnx.NodeProto()
+            twin.CopyFrom(node)
+            twin.name = f"{node.name}__float"
+            twin.input[:] = [weight_dq.get(i, i) for i in node.input]
+            out = node.output[0]
+            twin.output[:] = [f"{out}__f"]
+            node.output[0] = f"{out}__q"
+            new_nodes.extend([twin, helper.make_node("Where", [flag, f"{out}__q", f"{out}__f"], [out])])
         for out in model.graph.output:
             if out.name in rename:  # graph outputs keep their names: route through an Identity
                 new_nodes.append(helper.make_node("Identity", [rename[out.name]], [f"{out.name}__final"]))
