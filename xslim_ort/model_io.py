@@ -36,9 +36,13 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     try:
-        return onnx.load(str(path), load_external_data=True)
+        proto = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # onnx raises DecodeError, OSError, ValidationError...
         raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not proto.HasField("graph"):  # protobuf reads an empty file (and some others) as an empty message
+        what = "the file is empty" if path.stat().st_size == 0 else "it holds no graph"
+        raise ModelError(f"{path}: not an ONNX model ({what})")
+    return proto
 
 
 def main_opset(model: onnx.ModelProto) -> int:
