@@ -77,6 +77,33 @@ def has_quantizable_graph(model: onnx.ModelProto) -> bool:
     return len(model.graph.node) > 0
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Move the main graph's tensor Constant nodes into initializers, in place.
+
+    Quantizers look for weights among the initializers; exporters that keep weights in
+    Constant nodes would otherwise leave them float (or make ORT's quantizer fail).
+    """
+    outputs = {o.name for o in model.graph.output}
+    kept = []
+    for node in model.graph.node:
+        attrs = list(node.attribute)
+        if (
+            node.op_type == "Constant"
+            and node.domain in ("", "ai.onnx")
+            and len(attrs) == 1
+            and attrs[0].name == "value"
+            and node.output[0] not in outputs
+        ):
+            tensor = model.graph.initializer.add()
+            tensor.CopyFrom(attrs[0].t)
+            tensor.name = node.output[0]
+        else:
+            kept.append(node)
+    if len(kept) < len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+
+
 def pin_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> None:
     """Replace the (possibly symbolic) input dims by the calibration shapes, in place."""
     for inp in model.graph.input:

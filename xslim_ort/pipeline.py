@@ -18,6 +18,7 @@ import onnx
 from .config import Config, load_config
 from .errors import ConfigError, ModelError
 from .model_io import (
+    constants_to_initializers,
     infer_shapes,
     load_model,
     main_opset,
@@ -157,7 +158,7 @@ def run(job: Job) -> onnx.ModelProto:
 
 
 def prepare_model(job: Job, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
-    """Pin shapes, raise the opset, simplify and infer shapes."""
+    """Pin shapes, raise the opset, simplify, move Constant-node weights to initializers, infer shapes."""
     model = job.model
     if input_shapes:
         pin_input_shapes(model, input_shapes)
@@ -169,4 +170,5 @@ def prepare_model(job: Job, input_shapes: dict[str, list[int]] | None = None) ->
     if not job.config.model_parameters.skip_onnxsim:
         with job.progress("simplifying (onnxsim)", None):
             model = simplify(model)
+    constants_to_initializers(model)
     return infer_shapes(model)
