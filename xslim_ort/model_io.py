@@ -62,6 +62,20 @@ def refuse_quantized(model: onnx.ModelProto, where: str) -> None:
             )
 
 
+def refuse_unrunnable(model: onnx.ModelProto, where: str) -> None:
+    """Calibration runs the model in ONNX Runtime: a custom-domain op it has no kernel for stops it."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_opkernel_def
+
+    known = {(k.domain, k.op_name) for k in get_all_opkernel_def()}
+    known |= {(f.domain, f.name) for f in model.functions}
+    for node in _all_nodes(model.graph):
+        if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in known:
+            raise ModelError(
+                f"{where}: node '{node.name}' is a {node.domain}.{node.op_type} op, which ONNX Runtime has no "
+                "kernel for; static quantization has to run the model to calibrate it (--dynq and --fp16 do not)"
+            )
+
+
 def _all_nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield node

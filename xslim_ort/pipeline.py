@@ -24,6 +24,7 @@ from .model_io import (
     main_opset,
     pin_input_shapes,
     refuse_quantized,
+    refuse_unrunnable,
     save_model,
     simplify,
     upgrade_opset,
@@ -104,6 +105,8 @@ def plan_job(
                 raise ModelError(f"model file not found: {source}")
         proto = load_model(model_path)
     refuse_quantized(proto, str(model_path or "model"))
+    if mode is Mode.STATIC:
+        refuse_unrunnable(proto, str(model_path or "model"))
 
     stem = _strip_onnx(model_path.name) if model_path is not None else "model"
     if output is not None:
