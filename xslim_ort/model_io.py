@@ -144,6 +144,11 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     current = main_opset(model)
     if current >= opset:
         return model
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ModelError(
+            f"cannot upgrade the model to opset {opset}: onnx {onnx.__version__} knows opsets up to {newest}"
+        )
     try:
         converted = version_converter.convert_version(model, opset)
     except Exception as exc:
