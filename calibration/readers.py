@@ -268,11 +268,21 @@ def _same_kind(arr: np.ndarray, dtype: np.dtype, what: str, name: str) -> np.nda
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # .npz
+
+
 def _npy_loader(spec: InputSpec) -> SampleLoader:
     sample_shape = spec.shape[1:]
 
     def load(s: Sample) -> np.ndarray:
         try:
+            with open(s.path, "rb") as fh:
+                magic = fh.read(len(_NPY_MAGIC))
+            # np.load takes anything else for a pickle, and its message would suggest allow_pickle
+            if not magic.startswith((_NPY_MAGIC, *_ZIP_MAGICS)):
+                what = "it is empty" if not magic else "it does not start with the NumPy header"
+                raise DataError(f"{s.where}: {s.path} is not an .npy file ({what})")
             arr = np.load(s.path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
             raise DataError(f"{s.where}: cannot read .npy file {s.path}: {exc}") from None
