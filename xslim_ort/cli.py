@@ -1,14 +1,17 @@
 """The ``xslim-ort`` command line (also ``python -m xslim_ort``).
 
 Exit codes: 0 success, 1 a failure while quantizing, 2 bad usage, config, model or data,
-130 interrupted. Errors are one line on stderr; ``-v`` adds the traceback.
+130 interrupted (SIGINT), 143 terminated (SIGTERM). Errors are one line on stderr; ``-v``
+adds the traceback. Both signals unwind the stack, so temporary files and caches are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 
@@ -188,20 +191,48 @@ def _with_default_command(argv: Sequence[str]) -> list[str]:
     return args
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds (and cleans up) like Ctrl-C."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the CLI runs, SIGTERM raises ``_Terminated`` instead of killing the process outright."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(exc: BaseException | None) -> int:
+    if isinstance(exc, _Terminated):
+        click.echo("terminated", err=True)
+        return 143
+    click.echo("interrupted", err=True)
+    return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI and turn failures into one line and an exit code."""
     args = _with_default_command(sys.argv[1:] if argv is None else argv)
     try:
-        rv = cli.main(args=args, prog_name="xslim-ort", standalone_mode=False)
+        with _sigterm_unwinds():
+            rv = cli.main(args=args, prog_name="xslim-ort", standalone_mode=False)
     except click.ClickException as exc:
         exc.show()
         return EXIT_USAGE
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
+    except click.exceptions.Abort as exc:  # click turns KeyboardInterrupt into Abort
+        return _interrupted(exc.__cause__)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except XSlimError as exc:
         if _State.verbosity > 0:
             traceback.print_exc()
