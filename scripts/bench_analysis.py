@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from xslim_ort.calibration.batches import source_from_batches
 
 from xslim_ort.analysis import analyze
+from xslim_ort.calibration.batches import source_from_batches
 
 NORMALIZE = {
     "mobilenet_v2": lambda x: (x / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]),

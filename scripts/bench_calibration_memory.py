@@ -23,9 +23,9 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+
 from xslim_ort.calibration.cache import build_batch_source
 from xslim_ort.calibration.readers import providers_for
-
 from xslim_ort.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,10 +24,10 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
 from xslim_ort.calibration.batches import Batch, source_from_batches
 from xslim_ort.calibration.collectors import collect_statistics
 from xslim_ort.calibration.methods import METHODS, compute_ranges
-
 from xslim_ort.qparams import cosine, sqnr_db
 
 # zoo/README.md: input name, colour order, resizing, and mean/std on the 0-255 pixel scale.
@@ -80,10 +80,9 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
 
 def target_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """The simplified model and the activations the spacemit target quantizes (what the pipeline calibrates)."""
-    from xslim_ort.targets import load_target
-
     from xslim_ort.model_io import infer_shapes, simplify
     from xslim_ort.quantizer import activations_to_calibrate
+    from xslim_ort.targets import load_target
 
     model = infer_shapes(simplify(model))
     return model, activations_to_calibrate(model, load_target("spacemit"))

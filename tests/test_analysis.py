@@ -22,8 +22,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from xslim_ort.calibration.batches import source_from_batches
-from xslim_ort.calibration.methods import compute_range
 
 from xslim_ort.analysis import (
     AnalysisReport,
@@ -37,6 +35,8 @@ from xslim_ort.analysis import (
 )
 from xslim_ort.analysis.graph import QDQGraph
 from xslim_ort.analysis.stats import ErrorAccumulator, ErrorStats, StreamingHistogram
+from xslim_ort.calibration.batches import source_from_batches
+from xslim_ort.calibration.methods import compute_range
 from xslim_ort.errors import DataError
 from xslim_ort.qparams import ACT_QMAX, ACT_QMIN, cosine, dequantize, quantize, sqnr_db
 

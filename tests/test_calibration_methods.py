@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 from onnxruntime.quantization.calibrate import CalibrationDataReader, TensorsData
+
 from xslim_ort.calibration import collectors
 from xslim_ort.calibration.batches import source_from_batches
 from xslim_ort.calibration.calibrators import StreamingCalibrater
@@ -23,7 +24,6 @@ from xslim_ort.calibration.methods import (
     normalize_percentile,
 )
 from xslim_ort.calibration.range_cache import fingerprint, load_ranges, save_ranges
-
 from xslim_ort.errors import ConfigError
 from xslim_ort.qparams import fake_quant_activation
 

@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import run_model, tiny_cnn, tiny_setup, write_npy_samples
 from onnx import numpy_helper
-from xslim_ort.targets import load_target
 
 import xslim_ort
 from xslim_ort.check import check_model
@@ -29,6 +27,9 @@ from xslim_ort.config import (
 )
 from xslim_ort.errors import ConfigError
 from xslim_ort.qparams import cosine
+from xslim_ort.targets import load_target
+
+from helpers import run_model, tiny_cnn, tiny_setup, write_npy_samples
 
 # --------------------------------------------------------------------------- config
 

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+
 from xslim_ort.calibration import readers
 from xslim_ort.calibration.cache import BatchCache, build_batch_source
 from xslim_ort.calibration.readers import (
@@ -26,7 +27,6 @@ from xslim_ort.calibration.readers import (
     providers_for,
     resolve_inputs,
 )
-
 from xslim_ort.config import load_config
 from xslim_ort.errors import ConfigError, DataError
 

@@ -10,13 +10,13 @@ import onnx
 import pytest
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 from onnxruntime.quantization import quantize_static as ort_quantize_static
-from xslim_ort.calibration.readers import XSlimDataReader
-from xslim_ort.targets import load_target
 
+from xslim_ort.calibration.readers import XSlimDataReader
 from xslim_ort.check import check_model
 from xslim_ort.cli import main
 from xslim_ort.config import load_config
 from xslim_ort.qparams import sqnr_db
+from xslim_ort.targets import load_target
 
 PREPROCESS = {
     "mobilenet_v2": {"mean_value": [123.675, 116.28, 103.53], "std_value": [58.395, 57.12, 57.375]},

@@ -91,7 +91,11 @@ class TargetQuantizer(QDQQuantizer):
         *,
         nodes_to_exclude: Collection[str] = (),
         bias: str | None = None,
+        keep_activations: bool = False,
     ) -> None:
+        """``keep_activations`` keeps fused Relu/Clip nodes (numerically the same, since their
+        input shares their output's range) so that every quantized tensor has a float twin."""
+        self.keep_activations = keep_activations
         work = onnx.ModelProto()
         work.CopyFrom(model)  # ORT's quantizer edits the model it is given
         if not any(p.key == "onnx.infer" for p in work.metadata_props):

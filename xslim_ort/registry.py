@@ -33,7 +33,11 @@ class FusableActivation(QDQRemovableActivation):
     def quantize(self) -> None:
         quantizer: TargetQuantizer = self.quantizer
         producer = quantizer.model.output_name_to_node().get(self.node.input[0])
-        if producer is not None and quantizer.target_fuses(producer.op_type, self.node.op_type):
+        if (
+            producer is not None
+            and not quantizer.keep_activations
+            and quantizer.target_fuses(producer.op_type, self.node.op_type)
+        ):
             super().quantize()
             return
         if quantizer.is_tensor_quantized(self.node.input[0]):

@@ -62,6 +62,8 @@ class SwitchableModel:
     Activations switch with ``Where(flag, dequantized, float)``. Weights switch on the
     consumer's side instead: the op is duplicated with its float weights and a ``Where``
     picks one output, which costs one more small matmul rather than a copy of the weight.
+    ``qmodel`` must keep its fused Relu/Clip nodes (``TargetQuantizer(keep_activations=True)``):
+    otherwise the float twin of a fused output would miss its activation.
     """
 
     def __init__(self, qmodel: onnx.ModelProto, float_model: onnx.ModelProto, threads: int = 2) -> None:

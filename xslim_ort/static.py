@@ -114,7 +114,9 @@ def keep_sensitive_float(
     level = job.config.quantization_parameters.precision_level
     fixed = level2_float_nodes(model, job.target) if level == 2 else {}
     fixed = {k: v for k, v in fixed.items() if k not in excluded}
-    base = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded | set(fixed)).quantize_model()
+    base = TargetQuantizer(
+        model, job.target, ranges, nodes_to_exclude=excluded | set(fixed), keep_activations=True
+    ).quantize_model()
     with job.progress(f"precision_level {level}: measuring sensitivity", None):
         result = select_float_nodes(model, base, job.target, source, level, fixed_float=fixed)
     for name, reason in sorted(result.float_nodes.items()):
@@ -132,7 +134,14 @@ def write_analysis(
     from .analysis import analyze
 
     qp = job.config.quantization_parameters
-    report = analyze(float_model, qmodel, source, max_samples=qp.analysis_samples, float_kept=float_kept)
+    report = analyze(
+        float_model,
+        qmodel,
+        source,
+        max_samples=qp.analysis_samples,
+        float_kept=float_kept,
+        max_percentile=qp.max_percentile,
+    )
     paths = report.write(job.working_dir, job.prefix)
     log.info("%s", report.console_summary())
     return paths

@@ -1,0 +1,76 @@
+"""Precision levels 1-2: measured sensitivity keeps exactly the harmful ops float."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+import xslim_ort
+from xslim_ort.check import check_model
+from xslim_ort.qparams import sqnr_db
+from xslim_ort.sensitivity import SwitchableModel, level2_float_nodes
+from xslim_ort.targets import load_target
+
+from helpers import run_model, tiny_cnn, tiny_setup
+
+
+def _outlier_gemm_model(path):
+    """tiny_cnn whose Gemm weight has one huge entry: per-tensor pow2 int8 crushes the rest."""
+    model = tiny_cnn()
+    for init in model.graph.initializer:
+        if init.name == "wfc":
+            w = numpy_helper.to_array(init).copy()
+            w[0, 0] = 200.0
+            init.CopyFrom(numpy_helper.from_array(w, "wfc"))
+    onnx.save(model, path)
+
+
+def _quantize(tmp_path, level):
+    tmp_path.mkdir()
+    model_path, cfg_path = tiny_setup(tmp_path, n=8, precision_level=level)
+    _outlier_gemm_model(model_path)
+    q = xslim_ort.quantize_onnx_model(cfg_path, output=tmp_path / f"l{level}.onnx")
+    x = np.load(tmp_path / "data" / "calib_003.npy")
+    return q, sqnr_db(run_model(model_path, {"input": x})[0], run_model(q, {"input": x})[0])
+
+
+def _float_weights(q):
+    producers = {o: n for n in q.graph.node for o in n.output}
+    return sorted(
+        n.name for n in q.graph.node if n.op_type in ("Conv", "Gemm") and producers.get(n.input[1]) is None
+    )
+
+
+def test_level1_keeps_the_harmful_gemm_float(tmp_path):
+    q0, sqnr0 = _quantize(tmp_path / "l0", 0)
+    q1, sqnr1 = _quantize(tmp_path / "l1", 1)
+    assert _float_weights(q0) == []
+    assert _float_weights(q1) == ["fc"]  # budget: a fifth of 4 compute ops, at least one
+    assert sqnr1 > sqnr0 + 10
+    assert check_model(q1, load_target("spacemit")).errors == []
+
+
+def test_level2_fixed_float_set():
+    fixed = level2_float_nodes(tiny_cnn(), load_target("spacemit"))
+    # add3 joins two activations; nothing else in tiny_cnn is element-wise, Softmax or a norm
+    assert fixed == {"add3": "level 2: element-wise op without a constant input"}
+
+
+def test_switchable_model_matches_float_and_int8(tmp_path):
+    from xslim_ort.pipeline import plan_job, prepare_model
+    from xslim_ort.quantizer import TargetQuantizer
+
+    _, cfg_path = tiny_setup(tmp_path)
+    job = plan_job(json.loads(cfg_path.read_text()))
+    model = prepare_model(job)
+    rng = np.random.default_rng(3)
+    ranges = {t: (-4.0, 4.0) for t in ("input", "r1", "r2", "c3", "a3", "gap", "logits")}
+    q = TargetQuantizer(model, job.target, ranges, keep_activations=True).quantize_model()
+    sw = SwitchableModel(q, model)
+    batch = {"input": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    f = run_model(model, batch)[0]
+    np.testing.assert_allclose(sw.run([batch], ())[0], f, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(sw.run([batch], set(sw.flags))[0], run_model(q, batch)[0], atol=1e-5)
