@@ -19,7 +19,7 @@ from onnxruntime.quantization.qdq_quantizer import QDQQuantizer, QDQQuantTensorT
 
 from .qparams import pow2_scale, symmetric_weight_scale
 from .registry import create_handler
-from .targets import Target, WeightRule
+from .targets import Fusion, Target, WeightRule
 
 _QTYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 
@@ -39,45 +39,74 @@ def weight_overrides(
     """ORT TensorQuantOverrides fixing each weight's scale by the target's rule."""
     inits = {i.name: i for i in model.graph.initializer}
     overrides: dict[str, list[dict]] = {}
+    for name, (axis, power_of_two) in weight_rules(model, target, excluded_nodes).items():
+        w = numpy_helper.to_array(inits[name])
+        scale = symmetric_weight_scale(w, axis)
+        if power_of_two:
+            scale = pow2_scale(scale)
+        if axis is None:
+            overrides[name] = [{"scale": np.float32(scale), "zero_point": np.int8(0)}]
+        else:
+            overrides[name] = [
+                {"scale": np.float32(s), "zero_point": np.int8(0), **({"axis": axis} if i == 0 else {})}
+                for i, s in enumerate(scale)
+            ]
+    return overrides
+
+
+def weight_rules(
+    model: onnx.ModelProto, target: Target, excluded_nodes: Collection[str] = ()
+) -> dict[str, tuple[int | None, bool]]:
+    """Each weight the quantizer will quantize: (per-channel axis or None, power-of-two scale)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    rules: dict[str, tuple[int | None, bool]] = {}
     for node in model.graph.node:
         rule = target.weight_rule(node.op_type)
         if rule is None or node.name in excluded_nodes or node.op_type not in target.ops:
             continue
         for name in weight_inputs(node, rule, inits):
-            if name in overrides or inits[name].data_type != onnx.TensorProto.FLOAT:
-                continue
-            w = numpy_helper.to_array(inits[name])
-            axis = rule.axis if rule.axis is not None and w.ndim > rule.axis else None
-            scale = symmetric_weight_scale(w, axis)
-            if rule.power_of_two:
-                scale = pow2_scale(scale)
-            if axis is None:
-                overrides[name] = [{"scale": np.float32(scale), "zero_point": np.int8(0)}]
-            else:
-                overrides[name] = [
-                    {"scale": np.float32(s), "zero_point": np.int8(0), **({"axis": axis} if i == 0 else {})}
-                    for i, s in enumerate(scale)
-                ]
-    return overrides
+            if inits[name].data_type == onnx.TensorProto.FLOAT:
+                ndim = len(inits[name].dims)
+                rules.setdefault(
+                    name, (rule.axis if rule.axis is not None and ndim > rule.axis else None, rule.power_of_two)
+                )
+    return rules
 
 
 def clamp_ranges(
     model: onnx.ModelProto, target: Target, ranges: Mapping[str, tuple[float, float]]
 ) -> dict[str, tuple[float, float]]:
-    """Apply the descriptor's range clamps (e.g. Sigmoid inputs to [-10, 10])."""
-    out = dict(ranges)
+    """Apply the descriptor's range clamps (e.g. Sigmoid inputs to [-10, 10]).
+
+    Only where every reader of the tensor is clamped (to the union of their bounds) and it is
+    no graph output: in ``x * HardSigmoid(x)`` the Mul needs all of ``x``.
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        rule = target.clamps.get(node.op_type)
-        if rule is None or node.input[0] not in out:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    out = dict(ranges)
+    for name, nodes in readers.items():
+        if name not in out or name in outputs:
             continue
-        bounds = rule["input"]
-        if bounds == "linear_region":  # HardSigmoid: alpha*x + beta is linear on [-beta/alpha, (1-beta)/alpha]
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
-            bounds = (-beta / alpha, (1.0 - beta) / alpha)
-        lo, hi = out[node.input[0]]
-        out[node.input[0]] = (max(lo, bounds[0]), min(hi, bounds[1]))
+        bounds = [_clamp_bounds(node, target) if node.input[0] == name else None for node in nodes]
+        if all(b is not None for b in bounds):
+            lo, hi = out[name]
+            out[name] = (max(lo, min(b[0] for b in bounds)), min(hi, max(b[1] for b in bounds)))
     return out
+
+
+def _clamp_bounds(node: onnx.NodeProto, target: Target) -> tuple[float, float] | None:
+    rule = target.clamps.get(node.op_type)
+    if rule is None:
+        return None
+    if rule["input"] != "linear_region":
+        return rule["input"][0], rule["input"][1]
+    # HardSigmoid: alpha*x + beta is linear on [-beta/alpha, (1-beta)/alpha] and flat outside
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+    return -beta / alpha, (1.0 - beta) / alpha
 
 
 class TargetQuantizer(QDQQuantizer):
@@ -103,7 +132,7 @@ class TargetQuantizer(QDQQuantizer):
             work.metadata_props.add(key="onnx.infer", value="onnxruntime.quant")
         model = work
         self.target = target
-        self._fusions = {f.pattern for f in target.fusions if f.drop_activation}
+        self._fusions = {f.pattern: f for f in target.fusions}
         bias = bias or target.bias
         tensors_range = None
         if ranges is not None:
@@ -111,7 +140,7 @@ class TargetQuantizer(QDQQuantizer):
             for node in model.graph.node:
                 kind = target.ops.get(node.op_type)
                 if kind == "removable_activation" and node.output[0] in clamped:
-                    # a fused Relu/Clip's input shares its output's quantization point
+                    # a Relu/Clip kept by keep_activations: its input shares its output's point
                     clamped.setdefault(node.input[0], clamped[node.output[0]])
                 elif kind in ("passthrough", "maxpool") and node.input and node.input[0] in clamped:
                     # values pass through unchanged (or a subset of them): the input's range holds. Needed
@@ -141,12 +170,37 @@ class TargetQuantizer(QDQQuantizer):
             target.op_types,
             extra_options,
         )
+        # Nodes computed in float: the excluded ones, and fused pairs whose output only they read.
+        self.float_nodes: set[str] = set(nodes_to_exclude)
 
-    def target_fuses(self, producer: str, activation: str) -> bool:
-        return (producer, activation) in self._fusions
+    def fusion_for(self, activation: onnx.NodeProto) -> Fusion | None:
+        """The target's fusion of ``activation`` with its producer, when this graph allows it.
+
+        The producer must be quantized and its output read by the activation alone, so that
+        one quantization point can serve the pair.
+        """
+        producer = self.model.output_name_to_node().get(activation.input[0])
+        if producer is None or not self.should_quantize_node(producer):
+            return None
+        fusion = self._fusions.get((producer.op_type, activation.op_type))
+        src = activation.input[0]
+        if fusion is None or self.model.is_graph_output(src) or len(self.model.input_name_to_nodes()[src]) != 1:
+            return None
+        return fusion
+
+    def read_only_by_float(self, tensor: str, readers: Mapping[str, list[onnx.NodeProto]] | None = None) -> bool:
+        """Whether only float nodes read ``tensor`` (and it is no graph output): it then stays float."""
+        readers = self.model.input_name_to_nodes() if readers is None else readers
+        nodes = readers.get(tensor, [])
+        return bool(nodes) and not self.model.is_graph_output(tensor) and all(n.name in self.float_nodes for n in nodes)
 
     def mark_tensors(self) -> None:
-        """Let each op's handler mark the tensors it wants quantized."""
+        """Let each op's handler mark the tensors it wants quantized.
+
+        A tensor that only float nodes read is then unmarked, even where its producer is
+        quantized: an op is kept float for accuracy, and a quantized input would cost it
+        that (and runtimes fuse DQ -> op -> Q into an int8 kernel anyway).
+        """
         for node in self.model.nodes():
             if self.should_quantize_node(node):
                 create_handler(self, node).quantize()
@@ -155,6 +209,9 @@ class TargetQuantizer(QDQQuantizer):
             if node.op_type == "DequantizeLinear":
                 for tensor_name in node.output:
                     self.tensor_to_producing_dq[tensor_name] = node
+        readers = self.model.input_name_to_nodes()
+        for name in [t for t in self.tensors_to_quantize if self.read_only_by_float(t, readers)]:
+            del self.tensors_to_quantize[name]
 
     def quantize_model(self) -> onnx.ModelProto:
         self.mark_tensors()
@@ -165,6 +222,7 @@ class TargetQuantizer(QDQQuantizer):
         if self.quantize_bias:
             self._quantize_bias_tensors()
         self.remove_nodes()
+        self._remove_dead_constants()
         if not self.add_qdq_pair_to_weight:
             self.model.clean_initializers()
         self.model.model.producer_name = "xslim-ort"
@@ -172,6 +230,12 @@ class TargetQuantizer(QDQQuantizer):
 
         self.model.model.producer_version = __version__
         return self.model.model
+
+    def _remove_dead_constants(self) -> None:
+        """Constant nodes left without a reader (the bounds of a dropped Clip)."""
+        used = {i for n in self.model.nodes() for i in n.input} | {o.name for o in self.model.graph().output}
+        dead = [n for n in self.model.nodes() if n.op_type == "Constant" and n.output[0] not in used]
+        self.model.remove_nodes(dead)
 
 
 def activations_to_calibrate(
@@ -185,35 +249,8 @@ def activations_to_calibrate(
     planner = TargetQuantizer(model, target, None, nodes_to_exclude=nodes_to_exclude)
     planner.mark_tensors()
     inits = {i.name for i in model.graph.initializer}
-    fused_away = _fused_activation_inputs(model, planner)
-    names = []
-    for name, info in planner.tensors_to_quantize.items():
-        if info.tensor_type is not QDQQuantTensorType.ACTIVATION or info.is_shared:
-            continue
-        if name not in inits and name not in fused_away:
-            names.append(name)
-    return names
-
-
-def _fused_activation_inputs(model: onnx.ModelProto, planner: TargetQuantizer) -> set[str]:
-    """Producer outputs that a fused Relu/Clip will take over (they need no range of their own)."""
-    producers = {out: n for n in model.graph.node for out in n.output}
-    consumers: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    outputs = {o.name for o in model.graph.output}
-    fused = set()
-    for node in model.graph.node:
-        src = node.input[0] if node.input else ""
-        prod = producers.get(src)
-        if (
-            prod is not None
-            and planner.target.ops.get(node.op_type) == "removable_activation"
-            and planner.target_fuses(prod.op_type, node.op_type)
-            and consumers.get(src) == 1
-            and src not in outputs
-            and planner.should_quantize_node(node)
-        ):
-            fused.add(src)
-    return fused
+    return [
+        name
+        for name, info in planner.tensors_to_quantize.items()
+        if info.tensor_type is QDQQuantTensorType.ACTIVATION and not info.is_shared and name not in inits
+    ]

@@ -17,7 +17,7 @@ from .calibration.readers import data_fingerprint, list_file_path, providers_for
 from .config import Config
 from .errors import ConfigError, DataError
 from .pipeline import Job, prepare_model
-from .quantizer import TargetQuantizer, activations_to_calibrate
+from .quantizer import TargetQuantizer, activations_to_calibrate, weight_rules
 from .regions import excluded_nodes, tensor_methods
 from .sensitivity import level2_float_nodes, select_float_nodes
 
@@ -96,6 +96,8 @@ def quantize_with_source(
     if missing:
         log.warning("%d tensor(s) produced no float values during calibration and stay float", len(missing))
 
+    if qp.finetune_level >= 1:
+        model, ranges = tune(job, model, source, ranges, tensors, excluded)
     float_kept: dict[str, str] = {}
     if qp.precision_level in (1, 2):
         float_kept = keep_sensitive_float(job, model, ranges, source, excluded)
@@ -105,6 +107,35 @@ def quantize_with_source(
     if qp.analysis_enable:
         write_analysis(job, model, qmodel, source, float_kept)
     return qmodel
+
+
+def tune(
+    job: Job,
+    model: onnx.ModelProto,
+    source: BatchSource,
+    ranges: dict[str, tuple[float, float]],
+    tensors: list[str],
+    excluded: set[str],
+) -> tuple[onnx.ModelProto, dict[str, tuple[float, float]]]:
+    """finetune_level 1-3: tuned float weights (some already on the int8 grid) and ranges."""
+    from .tuning import WeightScheme, finetune
+
+    level = job.config.quantization_parameters.finetune_level
+    schemes = {
+        name: WeightScheme(axis=axis, power_of_two=pow2)
+        for name, (axis, pow2) in weight_rules(model, job.target, excluded).items()
+    }
+    with job.progress(f"finetune_level {level}", None) as advance:
+        result = finetune(
+            model,
+            source,
+            level,
+            ranges=ranges,
+            quantized_tensors=[t for t in tensors if t in ranges],
+            weight_schemes=schemes,
+            progress=lambda record: advance(1),
+        )
+    return result.model, {**ranges, **result.range_overrides}
 
 
 def keep_sensitive_float(
