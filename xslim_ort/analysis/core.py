@@ -406,7 +406,7 @@ class _Run:
     def _fix(
         self, kind: str, model: onnx.ModelProto, base: float, layer: LayerReport, setting: dict[str, object]
     ) -> Fix:
-        log.info("analysis: measuring %s for %s", kind, layer.tensor)
+        log.debug("analysis: measuring %s for %s", kind, layer.tensor)
         sess = self._session(model, optimize=False)
         accs = {o: ErrorAccumulator() for o in self.outputs}
         for batch, ref in zip(self._samples(), self.float_outputs, strict=True):
