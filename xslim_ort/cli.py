@@ -220,6 +220,11 @@ def _interrupted(exc: BaseException | None) -> int:
     return 130
 
 
+def _one_line(message: str) -> str:
+    """Messages quoting other libraries or user code can span lines; the error stays one line."""
+    return " / ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI and turn failures into one line and an exit code."""
     args = _with_default_command(sys.argv[1:] if argv is None else argv)
@@ -236,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except XSlimError as exc:
         if _State.verbosity > 0:
             traceback.print_exc()
-        click.echo(f"error: {exc.message}", err=True)
+        click.echo(f"error: {_one_line(exc.message)}", err=True)
         return exc.exit_code
     except Exception as exc:  # a bug or an unexpected library failure: still one line
         if _State.verbosity > 0:
