@@ -31,6 +31,8 @@ HANDLER_KINDS = (
     "normalization",
     "generic",
 )
+# Kinds whose outputs reuse their input's scale (ORT's direct 8-bit ops).
+SHARED_SCALE_KINDS = ("passthrough", "maxpool", "resize", "split", "gather")
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,12 @@ class WeightRule:
 
 @dataclass(frozen=True)
 class Fusion:
-    """``pattern[0]`` followed by ``pattern[1]`` share one quantization point."""
+    """``pattern[0]`` followed by the activation ``pattern[1]`` share one quantization point.
+
+    ``drop_activation``: remove the activation where the asymmetric range clamps as it does.
+    """
 
     pattern: tuple[str, str]
-    share: str
     drop_activation: bool
 
 
@@ -73,10 +77,9 @@ class Target:
     def op_types(self) -> list[str]:
         return sorted(self.ops)
 
-    @property
-    def passthrough_ops(self) -> list[str]:
-        """Ops whose output reuses their input's scale."""
-        return sorted(op for op, kind in self.ops.items() if kind in ("passthrough", "maxpool"))
+    def shares_scale(self, op_type: str) -> bool:
+        """Whether the op's output reuses its input's scale."""
+        return self.ops.get(op_type) in SHARED_SCALE_KINDS
 
     def weight_rule(self, op_type: str) -> WeightRule | None:
         return self.weights.get(op_type)
@@ -130,9 +133,7 @@ def parse_target(data: dict[str, Any], source: str = "<dict>") -> Target:
         raise ConfigError(f"{source}: unknown target descriptor key(s): {', '.join(sorted(unknown))}")
     for op, kind in data["ops"].items():
         if kind not in HANDLER_KINDS:
-            raise ConfigError(
-                f"{source}: ops.{op}: unknown handler '{kind}'; use one of {', '.join(HANDLER_KINDS)}"
-            )
+            raise ConfigError(f"{source}: ops.{op}: unknown handler '{kind}'; use one of {', '.join(HANDLER_KINDS)}")
     if data["bias"] not in ("float32", "int32"):
         raise ConfigError(f"{source}: bias must be float32 or int32, got {data['bias']!r}")
     act = data["activation"]
@@ -152,14 +153,9 @@ def parse_target(data: dict[str, Any], source: str = "<dict>") -> Target:
             raise ConfigError(f"{source}: weights.{op} is missing {exc}") from None
         if weights[op].dtype != "int8" or not weights[op].symmetric:
             raise ConfigError(f"{source}: weights.{op}: only symmetric int8 weights are supported")
-    fusions = tuple(
-        Fusion(
-            pattern=tuple(f["pattern"]),
-            share=f.get("share", "output"),
-            drop_activation=f.get("drop_activation", True),
-        )
-        for f in data.get("fusions", [])
-    )
+    fusions = tuple(_parse_fusion(f, i, data["ops"], source) for i, f in enumerate(data.get("fusions", [])))
+    for op, rule in data.get("clamps", {}).items():
+        _check_clamp(op, rule, source)
     return Target(
         name=data["name"],
         description=data.get("description", ""),
@@ -175,3 +171,30 @@ def parse_target(data: dict[str, Any], source: str = "<dict>") -> Target:
         float_elementwise_level2=frozenset(data.get("float_elementwise_level2", [])),
         source=source,
     )
+
+
+def _parse_fusion(entry: dict[str, Any], index: int, ops: dict[str, str], source: str) -> Fusion:
+    where = f"{source}: fusions[{index}]"
+    unknown = set(entry) - {"pattern", "drop_activation"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
+    pattern = entry.get("pattern")
+    if not isinstance(pattern, list) or len(pattern) != 2:
+        raise ConfigError(f"{where}.pattern: give two op types, [producer, activation]")
+    if ops.get(pattern[1]) != "removable_activation":
+        raise ConfigError(f"{where}.pattern: {pattern[1]} must be an op with handler 'removable_activation'")
+    if pattern[0] not in ops:
+        raise ConfigError(f"{where}.pattern: {pattern[0]} is not among the target's ops")
+    return Fusion(pattern=(pattern[0], pattern[1]), drop_activation=bool(entry.get("drop_activation", True)))
+
+
+def _check_clamp(op: str, rule: Any, source: str) -> None:
+    bounds = rule.get("input") if isinstance(rule, dict) else None
+    if bounds == "linear_region" and op == "HardSigmoid":
+        return
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int | float) for b in bounds)):
+        raise ConfigError(
+            f"{source}: clamps.{op}.input must be [low, high]" + (' or "linear_region"' if op == "HardSigmoid" else "")
+        )
+    if bounds[0] >= bounds[1]:
+        raise ConfigError(f"{source}: clamps.{op}.input: low {bounds[0]} must be below high {bounds[1]}")

@@ -2,15 +2,15 @@
 
 The descriptor says *what* an op is (``"Conv": "conv"``, ``"Reshape": "passthrough"``);
 this registry says *how* a kind is quantized. ONNX Runtime's QDQ operator classes do the
-marking for most kinds; ``FusableActivation`` adds the descriptor's fusion rules.
+marking for most kinds; ``FusableActivation`` applies the descriptor's fusion patterns.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import onnx
-from onnxruntime.quantization.operators.activation import QDQRemovableActivation
 from onnxruntime.quantization.operators.conv import QDQConv
 from onnxruntime.quantization.operators.direct_q8 import QDQDirect8BitOp
 from onnxruntime.quantization.operators.gather import QDQGather
@@ -27,22 +27,45 @@ if TYPE_CHECKING:
     from .quantizer import TargetQuantizer
 
 
-class FusableActivation(QDQRemovableActivation):
-    """Relu/Clip: dropped into its producer's quantization point where the target fuses the pair."""
+class FusableActivation(QDQOperatorBase):
+    """Relu/Clip: one quantization point with its producer where the target fuses the pair.
+
+    The point is the activation's output. The activation is dropped where the asymmetric
+    range clamps as it does (Relu; a Clip whose bounds enclose 0), else it stays between
+    its producer and the point. A pair that only float ops read stays float as a whole.
+    """
 
     def quantize(self) -> None:
         quantizer: TargetQuantizer = self.quantizer
-        producer = quantizer.model.output_name_to_node().get(self.node.input[0])
-        if (
-            producer is not None
-            and not quantizer.keep_activations
-            and quantizer.target_fuses(producer.op_type, self.node.op_type)
-        ):
-            super().quantize()
+        node = self.node
+        if not quantizer.is_tensor_quantized(node.input[0]):
+            return  # its producer stays float, and so does it
+        fusion = quantizer.fusion_for(node)
+        if fusion is not None and quantizer.read_only_by_float(node.output[0]):
+            quantizer.float_nodes.add(node.name)
             return
-        if quantizer.is_tensor_quantized(self.node.input[0]):
-            quantizer.quantize_activation_tensor(self.node.input[0])
-            quantizer.quantize_activation_tensor(self.node.output[0])
+        if fusion is not None and not quantizer.keep_activations:
+            del quantizer.tensors_to_quantize[node.input[0]]
+            if fusion.drop_activation and range_clamps_like(quantizer, node):
+                quantizer.model.replace_output_of_all_nodes(node.input[0], node.output[0])
+                quantizer.remove_node(node)
+        quantizer.quantize_activation_tensor(node.output[0])
+
+
+def range_clamps_like(quantizer: TargetQuantizer, node: onnx.NodeProto) -> bool:
+    """Whether an asymmetric range (which always holds 0) clamps as this Relu or Clip does."""
+    if quantizer.is_activation_symmetric:
+        return False
+    if node.op_type == "Relu":
+        return True
+    bounds = [-math.inf, math.inf]
+    for i, name in enumerate(node.input[1:3]):
+        if name:
+            value = quantizer.model.get_constant_value(name)
+            if value is None:
+                return False
+            bounds[i] = float(value)
+    return bounds[0] <= 0.0 <= bounds[1]
 
 
 HANDLERS: dict[str, type[QDQOperatorBase]] = {
