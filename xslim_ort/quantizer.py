@@ -17,11 +17,14 @@ from onnxruntime.quantization import QuantType
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer, QDQQuantTensorType
 
-from .qparams import pow2_scale, symmetric_weight_scale
+from .qparams import activation_qparams, pow2_scale, symmetric_weight_scale
 from .registry import create_handler
 from .targets import Fusion, Target, WeightRule
 
 _QTYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+_BIASED_OPS = ("Conv", "ConvTranspose", "Gemm")
+_INT32_MAX = float(np.iinfo(np.int32).max)
+_BIAS_MARGIN = 1.01  # ORT's symmetric activation scale (range / 254) is a little coarser than range / 255
 
 
 def weight_inputs(node: onnx.NodeProto, rule: WeightRule, initializers: Mapping[str, onnx.TensorProto]) -> list[str]:
@@ -34,14 +37,26 @@ def weight_inputs(node: onnx.NodeProto, rule: WeightRule, initializers: Mapping[
 
 
 def weight_overrides(
-    model: onnx.ModelProto, target: Target, excluded_nodes: Collection[str] = ()
+    model: onnx.ModelProto,
+    target: Target,
+    excluded_nodes: Collection[str] = (),
+    input_scales: Mapping[str, float] | None = None,
 ) -> dict[str, list[dict]]:
-    """ORT TensorQuantOverrides fixing each weight's scale by the target's rule."""
+    """ORT TensorQuantOverrides fixing each weight's scale by the target's rule.
+
+    With ``input_scales`` (int32 biases), a weight scale is raised where input scale x
+    weight scale would be too fine a step for the bias to fit in int32: ORT would clip
+    the bias (seen on near-dead channels of EfficientNet-Lite0).
+    """
     inits = {i.name: i for i in model.graph.initializer}
+    floors = bias_scale_floors(model, inits, input_scales) if input_scales else {}
     overrides: dict[str, list[dict]] = {}
     for name, (axis, power_of_two) in weight_rules(model, target, excluded_nodes).items():
         w = numpy_helper.to_array(inits[name])
         scale = symmetric_weight_scale(w, axis)
+        if name in floors:
+            floor = floors[name] if floors[name].shape == scale.shape else floors[name].max()
+            scale = np.maximum(scale, floor).astype(np.float32)
         if power_of_two:
             scale = pow2_scale(scale)
         if axis is None:
@@ -52,6 +67,23 @@ def weight_overrides(
                 for i, s in enumerate(scale)
             ]
     return overrides
+
+
+def bias_scale_floors(
+    model: onnx.ModelProto, inits: Mapping[str, onnx.TensorProto], input_scales: Mapping[str, float]
+) -> dict[str, np.ndarray]:
+    """Per weight, the smallest scale (per output channel) that keeps its op's int32 bias in range."""
+    floors: dict[str, np.ndarray] = {}
+    for node in model.graph.node:
+        if node.op_type not in _BIASED_OPS or len(node.input) < 3:
+            continue
+        x, w, b = node.input[:3]
+        if x not in input_scales or w not in inits or b not in inits:
+            continue
+        bias = np.abs(numpy_helper.to_array(inits[b]).astype(np.float64))
+        need = (bias * _BIAS_MARGIN / (input_scales[x] * _INT32_MAX)).astype(np.float32)
+        floors[w] = np.maximum(floors[w], need) if w in floors and floors[w].shape == need.shape else need
+    return floors
 
 
 def weight_rules(
@@ -135,6 +167,7 @@ class TargetQuantizer(QDQQuantizer):
         self._fusions = {f.pattern: f for f in target.fusions}
         bias = bias or target.bias
         tensors_range = None
+        clamped: dict[str, tuple[float, float]] = {}
         if ranges is not None:
             clamped = clamp_ranges(model, target, ranges)
             for node in model.graph.node:
@@ -155,7 +188,9 @@ class TargetQuantizer(QDQQuantizer):
             "WeightSymmetric": True,
             "QuantizeBias": bias == "int32",
             "QDQDisableWeightAdjustForInt32Bias": True,
-            "TensorQuantOverrides": weight_overrides(model, target, nodes_to_exclude),
+            "TensorQuantOverrides": weight_overrides(
+                model, target, nodes_to_exclude, _input_scales(clamped, target) if bias == "int32" else None
+            ),
         }
         act_type = _QTYPES[target.activation_dtype]
         super().__init__(
@@ -236,6 +271,13 @@ class TargetQuantizer(QDQQuantizer):
         used = {i for n in self.model.nodes() for i in n.input} | {o.name for o in self.model.graph().output}
         dead = [n for n in self.model.nodes() if n.op_type == "Constant" and n.output[0] not in used]
         self.model.remove_nodes(dead)
+
+
+def _input_scales(ranges: Mapping[str, tuple[float, float]], target: Target) -> dict[str, float]:
+    """Activation scale per tensor, as the quantizer will compute it from the range."""
+    if target.activation_symmetric:
+        ranges = {t: (-max(abs(lo), abs(hi)), max(abs(lo), abs(hi))) for t, (lo, hi) in ranges.items()}
+    return {t: float(activation_qparams(lo, hi)[0]) for t, (lo, hi) in ranges.items()}
 
 
 def activations_to_calibrate(
