@@ -74,3 +74,24 @@ def test_switchable_model_matches_float_and_int8(tmp_path):
     f = run_model(model, batch)[0]
     np.testing.assert_allclose(sw.run([batch], ())[0], f, rtol=0, atol=1e-5)
     np.testing.assert_allclose(sw.run([batch], set(sw.flags))[0], run_model(q, batch)[0], atol=1e-5)
+
+
+def test_dequantizing_everything_gives_back_the_float_model(tmp_path):
+    """Fused Relu/Clip come back, float weights return: the result computes the float model."""
+    from xslim_ort.pipeline import plan_job, prepare_model
+    from xslim_ort.quantizer import TargetQuantizer
+    from xslim_ort.sensitivity import dequantize_tensors
+
+    _, cfg_path = tiny_setup(tmp_path)
+    job = plan_job(json.loads(cfg_path.read_text()))
+    model = prepare_model(job)
+    ranges = {t: (-4.0, 4.0) for t in ("input", "r1", "r2", "c3", "a3", "gap", "logits")}
+    q = TargetQuantizer(model, job.target, ranges).quantize_model()
+    assert not [n for n in q.graph.node if n.op_type in ("Relu", "Clip")]
+    tensors = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    tensors |= {i.name[: -len("_quantized")] for i in q.graph.initializer if i.name.endswith("_quantized")}
+    dequantize_tensors(q, model, tensors)
+    assert sorted(n.op_type for n in q.graph.node if n.op_type in ("Relu", "Clip")) == ["Clip", "Relu"]
+    assert not [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    batch = {"input": np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(q, batch)[0], run_model(model, batch)[0], rtol=0, atol=1e-5)

@@ -1,12 +1,13 @@
-"""Precision levels 1 and 2: keep in float the ops whose quantization hurts the output most.
+"""Precision levels 1 and 2: keep in float the tensors whose quantization hurts the output most.
 
 Sensitivity is measured, not guessed. The fully quantized model is rewritten once into a
 *switchable* model: after every DequantizeLinear sits ``Where(flag, dequantized, float)``
 with ``flag`` a boolean graph input, so any subset of tensors can be quantized in one ORT
-session without re-quantizing or rebuilding. Each candidate op is quantized alone to rank
-them; then the most sensitive are kept float, one more at a time, until the output stops
-improving meaningfully or the budget (a fifth of the compute ops at level 1, a third at
-level 2) is spent.
+session without re-quantizing or rebuilding. Each candidate (a tensor, with the tensors
+that share its scale, or a weight) is quantized alone to rank them; then the most
+sensitive are kept float, one at a time, while each buys at least ``MIN_GAIN_DB`` of
+output SQNR and the compute ops they turn float stay within the budget (a fifth of the
+compute ops at level 1, a third at level 2, on top of level 2's fixed float set).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ log = logging.getLogger("xslim_ort")
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Keeping k more ops float must buy at least this much output SQNR to be worth it.
-MIN_GAIN_DB = 0.25
+MIN_GAIN_DB = 0.1
+# Give up after this many candidates in a row that bring less than MIN_GAIN_DB.
+PATIENCE = 8
 BUDGET_FRACTION = {1: 0.2, 2: 1.0 / 3.0}
 
 
@@ -37,9 +40,10 @@ class SensitivityResult:
     """What level 1/2 kept float, and why (for the log and the analysis report)."""
 
     level: int
-    float_nodes: dict[str, str] = field(default_factory=dict)  # node name -> reason
-    isolated_sqnr_db: dict[str, float] = field(default_factory=dict)  # node -> output SQNR, quantized alone
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (ops kept float, output SQNR)
+    float_nodes: dict[str, str] = field(default_factory=dict)  # node name -> reason (level 2's fixed set)
+    float_tensors: dict[str, str] = field(default_factory=dict)  # tensor or weight -> reason
+    isolated_sqnr_db: dict[str, float] = field(default_factory=dict)  # tensor group -> output SQNR, alone
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (groups kept float, output SQNR)
 
 
 def level2_float_nodes(model: onnx.ModelProto, target: Target) -> dict[str, str]:
@@ -150,35 +154,37 @@ def _db(ratio: float) -> float:
     return math.inf if ratio <= 0 else -10.0 * math.log10(ratio)
 
 
-def _node_tensors(model: onnx.ModelProto, target: Target, flagged: Collection[str]) -> dict[str, set[str]]:
-    """For each candidate node, the flagged tensors that quantizing it would quantize."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    out = {}
+def tensor_groups(model: onnx.ModelProto, target: Target, flagged: Collection[str]) -> dict[str, list[str]]:
+    """Flagged tensors that must switch together, keyed by the group's first tensor.
+
+    A pass-through op's output reuses its input's scale and a fused Relu/Clip's output is
+    its producer's quantization point: keeping one float without the other is no choice a
+    QDQ model can express, so they form one candidate.
+    """
+    parent: dict[str, str] = {t: t for t in flagged}
+
+    def root(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
     for node in model.graph.node:
         kind = target.ops.get(node.op_type)
-        if kind is None or kind in ("passthrough", "maxpool", "removable_activation"):
-            continue
-        tensors = {t for t in (*node.input, *node.output) if t in flagged}
-        for o in node.output:  # a fused Relu/Clip's output is this op's output point
-            for c in consumers.get(o, []):
-                if target.ops.get(c.op_type) == "removable_activation" and c.output[0] in flagged:
-                    tensors.add(c.output[0])
-        if tensors:
-            out[node.name] = tensors
-    return out
+        if kind in ("passthrough", "maxpool", "removable_activation") and node.input and node.output:
+            a, b = node.input[0], node.output[0]
+            if a in parent and b in parent:
+                parent[root(b)] = root(a)
+    groups: dict[str, list[str]] = {}
+    for t in sorted(flagged):
+        groups.setdefault(root(t), []).append(t)
+    return groups
 
 
-def _quantized_tensors(node_tensors: Mapping[str, set[str]], floated: Collection[str], all_flags: set[str]) -> set[str]:
-    """Tensors still quantized once ``floated`` nodes are float: those some int8 node still touches."""
-    owners: dict[str, set[str]] = {}
-    for node, tensors in node_tensors.items():
-        for t in tensors:
-            owners.setdefault(t, set()).add(node)
-    floated = set(floated)
-    return {t for t in all_flags if t not in owners or not owners[t] <= floated}
+def _compute_consumers(model: onnx.ModelProto, tensors: Collection[str]) -> set[str]:
+    """Compute ops (Conv, Gemm, MatMul...) reading any of ``tensors`` as input or weight."""
+    wanted = set(tensors)
+    return {n.name for n in model.graph.node if n.op_type in COMPUTE_OPS and wanted.intersection(n.input)}
 
 
 def _take(source: BatchSource, n: int) -> Iterator[dict[str, np.ndarray]]:
@@ -188,51 +194,146 @@ def _take(source: BatchSource, n: int) -> Iterator[dict[str, np.ndarray]]:
         yield batch
 
 
-def select_float_nodes(
+def select_float_tensors(
     float_model: onnx.ModelProto,
     qmodel: onnx.ModelProto,
     target: Target,
     source: BatchSource,
     level: int,
     *,
-    max_samples: int = 16,
+    max_samples: int = 8,
+    rank_samples: int = 4,
     fixed_float: Mapping[str, str] | None = None,
 ) -> SensitivityResult:
-    """Rank candidate ops by output error when quantized alone; keep the worst float."""
+    """Rank tensors by output error when quantized alone; keep the worst float while it pays.
+
+    Greedy over that ranking: a candidate is kept float only if the whole model's output
+    SQNR improves by at least ``MIN_GAIN_DB``; the compute ops it turns float count against
+    the level's budget. The search stops after ``PATIENCE`` candidates in a row bring
+    nothing.
+    """
     result = SensitivityResult(level=level, float_nodes=dict(fixed_float or {}))
     batches = list(_take(source, max_samples))
     sw = SwitchableModel(qmodel, float_model)
     all_flags = set(sw.flags)
-    node_tensors = _node_tensors(float_model, target, all_flags)
-    for name in result.float_nodes:
-        node_tensors.pop(name, None)
+    groups = tensor_groups(float_model, target, all_flags)
     reference = sw.run(batches, ())
-    isolated = {n: _noise_ratio(reference, sw.run(batches, t)) for n, t in sorted(node_tensors.items())}
-    result.isolated_sqnr_db = {n: _db(r) for n, r in isolated.items()}
-    ranked = sorted(isolated, key=lambda n: (-isolated[n], n))
+    rank_batches, rank_ref = batches[:rank_samples], [r[:rank_samples] for r in reference]
+    isolated = {g: _noise_ratio(rank_ref, sw.run(rank_batches, ts)) for g, ts in groups.items()}
+    result.isolated_sqnr_db = {g: _db(r) for g, r in isolated.items()}
+    ranked = sorted(isolated, key=lambda g: (-isolated[g], g))
 
     n_compute = sum(n.op_type in COMPUTE_OPS for n in float_model.graph.node)
     budget = max(1, int(n_compute * BUDGET_FRACTION[level]))
-    fixed = set(result.float_nodes)
-    curve = []
-    for k in range(min(budget, len(ranked)) + 1):
-        quantized = _quantized_tensors(node_tensors, fixed | set(ranked[:k]), all_flags)
-        curve.append((k, _db(_noise_ratio(reference, sw.run(batches, quantized)))))
-        if k >= 3 and curve[-1][1] - curve[-4][1] < MIN_GAIN_DB:
-            break  # three more float ops bought almost nothing: the output stopped improving
-    result.curve = curve
-    best = max(s for _, s in curve)
-    chosen = next(k for k, s in curve if s >= best - MIN_GAIN_DB)
-    for name in ranked[:chosen]:
-        result.float_nodes[name] = (
-            f"level {level}: output SQNR {result.isolated_sqnr_db[name]:.1f} dB when quantized alone "
-            f"(rank {ranked.index(name) + 1} of {len(ranked)})"
-        )
+    floated: list[str] = []
+    spent: set[str] = set()
+    best = _db(_noise_ratio(reference, sw.run(batches, all_flags)))
+    result.curve = [(0, best)]
+    misses = 0
+    for g in ranked:
+        cost = _compute_consumers(float_model, groups[g]) | spent
+        if len(cost) > budget:
+            continue
+        quantized = all_flags.difference(*(groups[f] for f in (*floated, g)))
+        sqnr = _db(_noise_ratio(reference, sw.run(batches, quantized)))
+        if sqnr >= best + MIN_GAIN_DB:
+            floated.append(g)
+            spent = cost
+            best = sqnr
+            result.curve.append((len(floated), sqnr))
+            misses = 0
+        else:
+            misses += 1
+            if misses >= PATIENCE:
+                break
+    for rank, g in enumerate(ranked, start=1):
+        if g in floated:
+            for t in groups[g]:
+                result.float_tensors[t] = (
+                    f"level {level}: output SQNR {result.isolated_sqnr_db[g]:.1f} dB when quantized alone "
+                    f"(rank {rank} of {len(ranked)})"
+                )
     log.info(
-        "precision_level %d: %d op(s) kept float by sensitivity (output SQNR %.2f -> %.2f dB)",
+        "precision_level %d: %d tensor group(s) kept float by sensitivity, %d of %d compute ops touched "
+        "(output SQNR %.2f -> %.2f dB)",
         level,
-        chosen,
-        curve[0][1],
-        curve[chosen][1],
+        len(floated),
+        len(spent),
+        n_compute,
+        result.curve[0][1],
+        best,
     )
     return result
+
+
+def _restore_fused_activations(
+    nodes: list[onnx.NodeProto], float_model: onnx.ModelProto, wanted: set[str], qmodel: onnx.ModelProto
+) -> list[onnx.NodeProto]:
+    """A Relu/Clip fused into its producer's Q/DQ must come back once that tensor is float."""
+    float_producers = {o: n for n in float_model.graph.node for o in n.output}
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    have = {i.name for i in qmodel.graph.initializer}
+    out = []
+    for node in nodes:
+        out.append(node)
+        if not node.output or node.output[0] not in wanted:
+            continue
+        fp = float_producers.get(node.output[0])
+        if fp is None or fp.op_type not in ("Relu", "Clip") or node.op_type == fp.op_type:
+            continue
+        act = onnx.NodeProto()
+        act.CopyFrom(fp)
+        pre = f"{node.output[0]}__preact"
+        act.input[0] = pre
+        node.output[0] = pre
+        for extra in act.input[1:]:
+            if extra in float_inits and extra not in have:
+                qmodel.graph.initializer.append(float_inits[extra])
+                have.add(extra)
+        out.append(act)
+    return out
+
+
+def dequantize_tensors(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, tensors: Collection[str]) -> None:
+    """Remove the Q/DQ of activation ``tensors`` and restore float weights, in place."""
+    wanted = set(tensors)
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    producers = {o: n for n in qmodel.graph.node for o in n.output}
+    inits = {i.name for i in qmodel.graph.initializer}
+    rewire: dict[str, str] = {}
+    drop: set[int] = set()
+    added: set[str] = set()
+    for node in qmodel.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        src = node.input[0]
+        if src in inits:
+            name = src[: -len("_quantized")] if src.endswith("_quantized") else ""
+            if name in wanted and name in float_inits:
+                if name not in added:
+                    qmodel.graph.initializer.append(float_inits[name])
+                    added.add(name)
+                rewire[node.output[0]] = name
+                drop.add(id(node))
+            continue
+        q = producers.get(src)
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in wanted:
+            rewire[node.output[0]] = q.input[0]
+            drop.update((id(node), id(q)))
+    outputs = {o.name for o in qmodel.graph.output}
+    keep = []
+    for node in qmodel.graph.node:
+        if id(node) in drop:
+            if node.op_type == "DequantizeLinear" and node.output[0] in outputs:
+                keep.append(helper.make_node("Identity", [rewire[node.output[0]]], [node.output[0]], name=node.name))
+            continue
+        for i, name in enumerate(node.input):
+            if name in rewire:
+                node.input[i] = rewire[name]
+        keep.append(node)
+    del qmodel.graph.node[:]
+    qmodel.graph.node.extend(_restore_fused_activations(keep, float_model, wanted, qmodel))
+    used = {i for n in qmodel.graph.node for i in n.input}
+    live = [i for i in qmodel.graph.initializer if i.name in used]
+    del qmodel.graph.initializer[:]
+    qmodel.graph.initializer.extend(live)

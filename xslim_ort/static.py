@@ -19,7 +19,7 @@ from .errors import ConfigError, DataError
 from .pipeline import Job, prepare_model
 from .quantizer import TargetQuantizer, activations_to_calibrate, weight_rules
 from .regions import excluded_nodes, tensor_methods
-from .sensitivity import level2_float_nodes, select_float_nodes
+from .sensitivity import dequantize_tensors, level2_float_nodes, select_float_tensors
 
 log = logging.getLogger("xslim_ort")
 
@@ -100,10 +100,11 @@ def quantize_with_source(
         model, ranges = tune(job, model, source, ranges, tensors, excluded)
     float_kept: dict[str, str] = {}
     if qp.precision_level in (1, 2):
-        float_kept = keep_sensitive_float(job, model, ranges, source, excluded)
-        excluded |= set(float_kept)
-    quantizer = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, bias=qp.bias_mode)
-    qmodel = quantizer.quantize_model()
+        qmodel, float_kept = quantize_partial(job, model, ranges, source, excluded)
+    else:
+        qmodel = TargetQuantizer(
+            model, job.target, ranges, nodes_to_exclude=excluded, bias=qp.bias_mode
+        ).quantize_model()
     if qp.analysis_enable:
         write_analysis(job, model, qmodel, source, float_kept)
     return qmodel
@@ -138,21 +139,27 @@ def tune(
     return result.model, {**ranges, **result.range_overrides}
 
 
-def keep_sensitive_float(
+def quantize_partial(
     job: Job, model: onnx.ModelProto, ranges: dict, source: BatchSource, excluded: set[str]
-) -> dict[str, str]:
-    """Precision levels 1-2: the nodes to keep float, each with the measurement that put it there."""
-    level = job.config.quantization_parameters.precision_level
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Precision levels 1-2: int8 but for the tensors measured to hurt most (and level 2's set).
+
+    Returns the model and what stayed float, each with the measurement that put it there.
+    """
+    qp = job.config.quantization_parameters
+    level = qp.precision_level
     fixed = level2_float_nodes(model, job.target) if level == 2 else {}
     fixed = {k: v for k, v in fixed.items() if k not in excluded}
-    base = TargetQuantizer(
-        model, job.target, ranges, nodes_to_exclude=excluded | set(fixed), keep_activations=True
-    ).quantize_model()
+    excluded = excluded | set(fixed)
+    probe = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, keep_activations=True)
     with job.progress(f"precision_level {level}: measuring sensitivity", None):
-        result = select_float_nodes(model, base, job.target, source, level, fixed_float=fixed)
-    for name, reason in sorted(result.float_nodes.items()):
+        result = select_float_tensors(model, probe.quantize_model(), job.target, source, level, fixed_float=fixed)
+    qmodel = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, bias=qp.bias_mode).quantize_model()
+    dequantize_tensors(qmodel, model, result.float_tensors)
+    kept = {**result.float_nodes, **result.float_tensors}
+    for name, reason in sorted(kept.items()):
         log.debug("kept float: %s (%s)", name, reason)
-    return result.float_nodes
+    return qmodel, kept
 
 
 def write_analysis(
