@@ -9,10 +9,11 @@ the output path sees the old file or the complete new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -194,8 +195,51 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     return model.ByteSize() > _PROTOBUF_LIMIT
 
 
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order the nodes topologically, in place, keeping the given order wherever it already works.
+
+    ONNX requires it (onnx.checker and other tools refuse unsorted graphs; ORT sorts for itself),
+    and ORT's quantizer appends its Q/DQ nodes at the end. A subgraph's references to outer
+    tensors count as inputs of the node that holds it.
+    """
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        for p in {producer[name] for name in _referenced(node) if name in producer} - {i}:
+            users[p].append(i)
+            waiting[i] += 1
+    if all(p < i for p, us in enumerate(users) for i in us):
+        return
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) == len(nodes):  # a cycle is not ours to repair: leave such a graph as it is
+        del graph.node[:]
+        graph.node.extend(order)
+
+
+def _referenced(node: onnx.NodeProto) -> Iterator[str]:
+    """The tensor names a node reads, its subgraphs' included."""
+    yield from node.input
+    for attr in node.attribute:
+        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            for inner in g.node:
+                yield from _referenced(inner)
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` atomically; models over 2 GB get ``<name>.data`` beside them."""
+    """Sort ``model``'s nodes (in place) and write it to ``path`` atomically; models over 2 GB get
+    ``<name>.data`` beside them."""
+    sort_nodes(model.graph)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
