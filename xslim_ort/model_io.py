@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import shape_inference, version_converter
 
 from .errors import ModelError, QuantizationError
@@ -160,7 +161,7 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxsim's constant folding and cleanup; on failure the model is kept as it was."""
-    if model.ByteSize() > _PROTOBUF_LIMIT:
+    if needs_external_data(model):
         log.warning("model is over 2 GB: onnxsim skipped")
         return model
     import onnxsim
@@ -178,7 +179,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference (through a file for models over 2 GB)."""
-    if model.ByteSize() <= _PROTOBUF_LIMIT:
+    if not needs_external_data(model):
         try:
             return shape_inference.infer_shapes(model)
         except Exception as exc:
@@ -192,7 +193,11 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() > _PROTOBUF_LIMIT
+    """Over protobuf's 2 GB limit (where protobuf's upb backend refuses even to measure the message)."""
+    try:
+        return model.ByteSize() > _PROTOBUF_LIMIT
+    except EncodeError:
+        return True
 
 
 def sort_nodes(graph: onnx.GraphProto) -> None:
