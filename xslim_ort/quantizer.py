@@ -229,6 +229,10 @@ class TargetQuantizer(QDQQuantizer):
         nodes = readers.get(tensor, [])
         return bool(nodes) and not self.model.is_graph_output(tensor) and all(n.name in self.float_nodes for n in nodes)
 
+    def read_by_float(self, tensor: str) -> bool:
+        """Whether some float node reads ``tensor`` (it then needs its true float values)."""
+        return any(n.name in self.float_nodes for n in self.model.input_name_to_nodes().get(tensor, []))
+
     def mark_tensors(self) -> None:
         """Let each op's handler mark the tensors it wants quantized.
 
@@ -257,6 +261,7 @@ class TargetQuantizer(QDQQuantizer):
         if self.quantize_bias:
             self._quantize_bias_tensors()
         self.remove_nodes()
+        self._feed_float_nodes_float()
         self._remove_dead_constants()
         if not self.add_qdq_pair_to_weight:
             self.model.clean_initializers()
@@ -265,6 +270,22 @@ class TargetQuantizer(QDQQuantizer):
 
         self.model.model.producer_version = __version__
         return self.model.model
+
+    def _feed_float_nodes_float(self) -> None:
+        """Float nodes read the float tensor, not its dequantized copy made for an int8 reader.
+
+        Otherwise an op kept float between int8 neighbours would read DQ and feed Q, which
+        runtimes fuse into an int8 kernel: it would not be float at all.
+        """
+        producer = self.model.output_name_to_node()
+        for node in self.model.nodes():
+            if node.name not in self.float_nodes:
+                continue
+            for i, name in enumerate(node.input):
+                dq = producer.get(name)
+                q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+                if q is not None and q.op_type == "QuantizeLinear":
+                    node.input[i] = q.input[0]
 
     def _remove_dead_constants(self) -> None:
         """Constant nodes left without a reader (the bounds of a dropped Clip)."""

@@ -31,8 +31,9 @@ class FusableActivation(QDQOperatorBase):
     """Relu/Clip: one quantization point with its producer where the target fuses the pair.
 
     The point is the activation's output. The activation is dropped where the asymmetric
-    range clamps as it does (Relu; a Clip whose bounds enclose 0), else it stays between
-    its producer and the point. A pair that only float ops read stays float as a whole.
+    range clamps as it does (Relu; a Clip whose bounds enclose 0) and no float op reads
+    its output, else it stays between its producer and the point. A pair that only float
+    ops read stays float as a whole.
     """
 
     def quantize(self) -> None:
@@ -46,7 +47,8 @@ class FusableActivation(QDQOperatorBase):
             return
         if fusion is not None and not quantizer.keep_activations:
             del quantizer.tensors_to_quantize[node.input[0]]
-            if fusion.drop_activation and range_clamps_like(quantizer, node):
+            droppable = fusion.drop_activation and range_clamps_like(quantizer, node)
+            if droppable and not quantizer.read_by_float(node.output[0]):  # a float reader needs its true output
                 quantizer.model.replace_output_of_all_nodes(node.input[0], node.output[0])
                 quantizer.remove_node(node)
         quantizer.quantize_activation_tensor(node.output[0])
