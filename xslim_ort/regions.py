@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import onnx
 
-from .config import Config
+from .config import Config, CustomSetting
 from .errors import ConfigError
 from .targets import Target
 
@@ -108,12 +108,25 @@ def excluded_nodes(model: onnx.ModelProto, config: Config, target: Target) -> se
     if qp.truncate_var_names:
         excluded |= {index.nodes[i].name for i in truncated_nodes(index, qp.truncate_var_names)}
     for k, cs in enumerate(qp.custom_setting):
-        field = f"quantization_parameters.custom_setting[{k}]"
-        index.check_tensors(cs.input_names, f"{field}.input_names")
-        index.check_tensors(cs.output_names, f"{field}.output_names")
+        nodes = region(index, cs, k)
         if cs.precision_level is not None and cs.precision_level >= 1:
-            excluded |= {index.nodes[i].name for i in index.between(cs.input_names, cs.output_names)}
+            excluded |= {index.nodes[i].name for i in nodes}
     return excluded
+
+
+def region(index: GraphIndex, cs: CustomSetting, k: int) -> set[int]:
+    """The nodes of ``custom_setting[k]``; every input must reach an output and vice versa."""
+    field = f"quantization_parameters.custom_setting[{k}]"
+    index.check_tensors(cs.input_names, f"{field}.input_names")
+    index.check_tensors(cs.output_names, f"{field}.output_names")
+    nodes = index.between(cs.input_names, cs.output_names)
+    for name in cs.output_names:
+        if index.producer.get(name) not in nodes:
+            raise ConfigError(f"{field}.output_names: '{name}' is not computed from any of its input_names")
+    for name in cs.input_names:
+        if not any(i in nodes for i in index.consumers.get(name, [])):
+            raise ConfigError(f"{field}.input_names: no path from '{name}' to any of its output_names")
+    return nodes
 
 
 def mask_nodes(model: onnx.ModelProto) -> set[str]:
@@ -159,11 +172,10 @@ def tensor_methods(model: onnx.ModelProto, config: Config, tensors: list[str]) -
         return methods
     index = GraphIndex(model)
     wanted = set(tensors)
-    for cs in qp.custom_setting:
+    for k, cs in enumerate(qp.custom_setting):
         if cs.calibration_type is None and cs.max_percentile is None:
             continue
-        region = index.between(cs.input_names, cs.output_names)
-        inside = {o for i in region for o in index.nodes[i].output} | set(cs.input_names)
+        inside = {o for i in region(index, cs, k) for o in index.nodes[i].output} | set(cs.input_names)
         for t in inside & wanted:
             method, pct = methods[t]
             methods[t] = (cs.calibration_type or method, cs.max_percentile or pct)
