@@ -21,7 +21,7 @@ from .model_io import load_model
 from .targets import Target, load_target
 
 _DTYPES = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8}
-_FLOAT_ONLY_NEIGHBOURS = {"QuantizeLinear", "DequantizeLinear"}
+_QDQ_OR_CONST = {"QuantizeLinear", "DequantizeLinear", "Constant"}
 
 
 @dataclass
@@ -95,7 +95,7 @@ def check_model(model: onnx.ModelProto, target: Target, float_model: onnx.ModelP
             rep.errors.extend(_check_activation(g, node, act_dtype, target))
         if node.op_type in ("Conv", "Gemm", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
             rep.errors.extend(_check_bias(g, node, target))
-        if target.ops.get(node.op_type) in ("passthrough", "maxpool"):
+        if target.shares_scale(node.op_type):
             rep.errors.extend(_check_shared(g, node))
     rep.warnings.extend(_requant_pairs(g))
     rep.warnings.extend(_float_islands(g, target))
@@ -140,8 +140,11 @@ def _check_activation(g: _Graph, q: onnx.NodeProto, act_dtype: int, target: Targ
         return
     if scale.size != 1:
         yield f"{where}: activations are per tensor, got {scale.size} scales"
-    if zp is None or g.inits[q.input[2]].data_type != act_dtype:
-        yield f"{where}: zero point must be {target.activation_dtype}"
+    if zp is None:
+        yield f"{where}: no zero point; the target wants {target.activation_dtype} activations"
+    elif g.inits[q.input[2]].data_type != act_dtype:
+        got = onnx.TensorProto.DataType.Name(g.inits[q.input[2]].data_type).lower()
+        yield f"{where}: {got} activations; the target wants {target.activation_dtype}"
     elif target.activation_symmetric and np.any(zp != 0):
         yield f"{where}: symmetric activations need a zero point of 0"
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
@@ -174,19 +177,22 @@ def _check_bias(g: _Graph, node: onnx.NodeProto, target: Target) -> Iterator[str
 
 
 def _check_shared(g: _Graph, node: onnx.NodeProto) -> Iterator[str]:
-    """A pass-through op's output requantizer must reuse its input's scale."""
+    """A scale-sharing op's output quantizers must reuse its input's scale and zero point."""
     src = g.producer.get(node.input[0]) if node.input else None
-    outs = g.consumers.get(node.output[0], [])
-    qs = [c for c in outs if c.op_type == "QuantizeLinear"]
-    if src is None or src.op_type != "DequantizeLinear" or not qs:
+    if src is None or src.op_type != "DequantizeLinear":
         return
     s_in, z_in = g.dq_params(src)
-    for q in qs:
-        s_out, z_out = g.dq_params(q)
-        if s_in is None or s_out is None:
-            continue
-        if not (np.array_equal(s_in, s_out) and np.array_equal(z_in, z_out)):
-            yield f"{node.op_type} '{node.name}': output scale differs from its input's; the target shares it"
+    for out in node.output:
+        for q in (c for c in g.consumers.get(out, []) if c.op_type == "QuantizeLinear"):
+            s_out, z_out = g.dq_params(q)
+            if s_in is None or s_out is None:
+                continue
+            if not (np.array_equal(s_in, s_out) and np.array_equal(z_in, z_out)):
+                yield (
+                    f"{node.op_type} '{node.name}': output '{out}' is quantized with scale "
+                    f"{float(np.ravel(s_out)[0]):.6g}, its input with {float(np.ravel(s_in)[0]):.6g}; "
+                    "the target shares one scale"
+                )
 
 
 def _requant_pairs(g: _Graph) -> Iterator[str]:
@@ -204,22 +210,57 @@ def _requant_pairs(g: _Graph) -> Iterator[str]:
 
 
 def _float_islands(g: _Graph, target: Target) -> Iterator[str]:
-    """A quantizable op between int8 tensors left in float."""
-    for node in g.model.graph.node:
-        if node.op_type not in target.ops or node.op_type in _FLOAT_ONLY_NEIGHBOURS:
+    """Ops the target runs in int8, chained in float between int8 tensors.
+
+    A quantized op sits alone between its DequantizeLinear inputs and QuantizeLinear
+    outputs. Two or more ops joined by float tensors, fed only by DequantizeLinear (or
+    constants) and read only by QuantizeLinear, could have been int8 end to end; a fused
+    producer and activation count as one op.
+    """
+    compute = [n for n in g.model.graph.node if n.op_type not in _QDQ_OR_CONST and n.output]
+    key = {n.output[0]: n for n in compute}  # outputs are unique; names need not be
+    group = {k: k for k in key}
+
+    def root(k: str) -> str:
+        while group[k] != k:
+            k = group[k]
+        return k
+
+    fused_edges: dict[str, int] = {}
+    for node in compute:
+        for out in node.output:
+            for reader in g.consumers.get(out, []):
+                if reader.op_type in _QDQ_OR_CONST or not reader.output:
+                    continue
+                group[root(reader.output[0])] = root(node.output[0])
+                if _fused(g, target, node, reader):
+                    fused_edges[node.output[0]] = fused_edges.get(node.output[0], 0) + 1
+    members: dict[str, list[onnx.NodeProto]] = {}
+    for k, node in key.items():
+        members.setdefault(root(k), []).append(node)
+    outputs = {o.name for o in g.model.graph.output}
+    for nodes in members.values():
+        units = len(nodes) - sum(fused_edges.get(n.output[0], 0) for n in nodes)
+        if units < 2 or any(n.op_type not in target.ops for n in nodes):
             continue
-        ins = [g.producer.get(i) for i in node.input[:1]]
-        outs = g.consumers.get(node.output[0], []) if node.output else []
-        fed_int8 = all(p is not None and p.op_type == "DequantizeLinear" for p in ins) and ins
-        feeds_int8 = outs and all(c.op_type == "QuantizeLinear" for c in outs)
-        if fed_int8 and feeds_int8:
+        inside = {n.output[0] for n in nodes}
+        sources = [g.producer.get(i) for n in nodes for i in n.input if i and i not in g.inits]
+        outside = [p for p in sources if p is None or p.output[0] not in inside]
+        if not outside or any(p is None or p.op_type != "DequantizeLinear" for p in outside):
             continue
-        if fed_int8 and outs and not feeds_int8 and all(c.op_type in target.ops for c in outs):
-            downstream_q = all(
-                any(cc.op_type == "QuantizeLinear" for cc in g.consumers.get(c.output[0], [])) for c in outs if c.output
-            )
-            if downstream_q and target.ops.get(node.op_type) not in ("passthrough", "maxpool"):
-                yield f"{node.op_type} '{node.name}': float island between int8 tensors"
+        ends = [o for n in nodes for o in n.output if o]
+        if any(o in outputs for o in ends):
+            continue
+        readers = [r for o in ends for r in g.consumers.get(o, []) if not r.output or r.output[0] not in inside]
+        if readers and all(r.op_type == "QuantizeLinear" for r in readers):
+            chain = ", ".join(f"{n.op_type} '{n.name}'" for n in nodes)
+            yield f"float island between int8 tensors: {chain}"
+
+
+def _fused(g: _Graph, target: Target, producer: onnx.NodeProto, reader: onnx.NodeProto) -> bool:
+    """A producer and the activation it fuses with: one quantization point, one op."""
+    patterns = {f.pattern for f in target.fusions}
+    return (producer.op_type, reader.op_type) in patterns and len(g.consumers.get(producer.output[0], [])) == 1
 
 
 def _check_io(model: onnx.ModelProto, float_model: onnx.ModelProto) -> Iterator[str]:
