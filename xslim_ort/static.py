@@ -96,15 +96,17 @@ def quantize_with_source(
     if missing:
         log.warning("%d tensor(s) produced no float values during calibration and stay float", len(missing))
 
-    if qp.finetune_level >= 1:
-        model, ranges = tune(job, model, source, ranges, tensors, excluded)
     float_kept: dict[str, str] = {}
+    float_tensors: dict[str, str] = {}
     if qp.precision_level in (1, 2):
-        qmodel, float_kept = quantize_partial(job, model, ranges, source, excluded)
-    else:
-        qmodel = TargetQuantizer(
-            model, job.target, ranges, nodes_to_exclude=excluded, bias=qp.bias_mode
-        ).quantize_model()
+        fixed, float_tensors = choose_float(job, model, ranges, source, excluded)
+        excluded |= set(fixed)
+        float_kept = {**fixed, **float_tensors}
+    if qp.finetune_level >= 1:
+        model, ranges = tune(job, model, source, ranges, tensors, excluded, float_kept)
+    qmodel = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, bias=qp.bias_mode).quantize_model()
+    if float_tensors:
+        dequantize_tensors(qmodel, model, float_tensors)
     if qp.analysis_enable:
         write_analysis(job, model, qmodel, source, float_kept)
     return qmodel
@@ -117,14 +119,19 @@ def tune(
     ranges: dict[str, tuple[float, float]],
     tensors: list[str],
     excluded: set[str],
+    float_kept: Collection[str] = (),
 ) -> tuple[onnx.ModelProto, dict[str, tuple[float, float]]]:
-    """finetune_level 1-3: tuned float weights (some already on the int8 grid) and ranges."""
+    """finetune_level 1-3: tuned float weights (some already on the int8 grid) and ranges.
+
+    Tensors and weights kept float by the precision level are left out of the simulation.
+    """
     from .tuning import WeightScheme, finetune
 
     level = job.config.quantization_parameters.finetune_level
     schemes = {
         name: WeightScheme(axis=axis, power_of_two=pow2)
         for name, (axis, pow2) in weight_rules(model, job.target, excluded).items()
+        if name not in float_kept
     }
     with job.progress(f"finetune_level {level}", None) as advance:
         result = finetune(
@@ -132,34 +139,30 @@ def tune(
             source,
             level,
             ranges=ranges,
-            quantized_tensors=[t for t in tensors if t in ranges],
+            quantized_tensors=[t for t in tensors if t in ranges and t not in float_kept],
             weight_schemes=schemes,
             progress=lambda record: advance(1),
         )
     return result.model, {**ranges, **result.range_overrides}
 
 
-def quantize_partial(
+def choose_float(
     job: Job, model: onnx.ModelProto, ranges: dict, source: BatchSource, excluded: set[str]
-) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """Precision levels 1-2: int8 but for the tensors measured to hurt most (and level 2's set).
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Precision levels 1-2: the nodes (level 2's fixed set) and tensors to keep float.
 
-    Returns the model and what stayed float, each with the measurement that put it there.
+    Measured on the untuned model, so that tuning then only adjusts what stays int8. Each
+    entry carries the measurement or rule that put it there.
     """
-    qp = job.config.quantization_parameters
-    level = qp.precision_level
+    level = job.config.quantization_parameters.precision_level
     fixed = level2_float_nodes(model, job.target) if level == 2 else {}
     fixed = {k: v for k, v in fixed.items() if k not in excluded}
-    excluded = excluded | set(fixed)
-    probe = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, keep_activations=True)
+    probe = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded | set(fixed), keep_activations=True)
     with job.progress(f"precision_level {level}: measuring sensitivity", None):
         result = select_float_tensors(model, probe.quantize_model(), job.target, source, level, fixed_float=fixed)
-    qmodel = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, bias=qp.bias_mode).quantize_model()
-    dequantize_tensors(qmodel, model, result.float_tensors)
-    kept = {**result.float_nodes, **result.float_tensors}
-    for name, reason in sorted(kept.items()):
+    for name, reason in sorted({**result.float_nodes, **result.float_tensors}.items()):
         log.debug("kept float: %s (%s)", name, reason)
-    return qmodel, kept
+    return result.float_nodes, result.float_tensors
 
 
 def write_analysis(
