@@ -4,6 +4,8 @@ ignore lists in every mode, graph patterns, the ort-cpu target, and the zoo at l
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,18 @@ from helpers import run_model, tiny_cnn
 
 SPACEMIT = load_target("spacemit")
 ORT_CPU = load_target("ort-cpu")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The CLI sets the xslim_ort logger's level and stops it propagating; later tests read caplog."""
+    logger = logging.getLogger("xslim_ort")
+    state = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    logger.setLevel(state[0])
+    logger.propagate = state[1]
+    logger.handlers[:] = state[2]
+
 
 # --------------------------------------------------------------------------- building and reading models
 
