@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .config import Config, load_config
 from .errors import ConfigError, ModelError
@@ -174,4 +176,22 @@ def prepare_model(job: Job, input_shapes: dict[str, list[int]] | None = None) ->
         with job.progress("simplifying (onnxsim)", None):
             model = simplify(model)
     constants_to_initializers(model)
+    if job.mode in (Mode.STATIC, Mode.DYNAMIC):
+        _refuse_nonfinite_weights(model, job.target, str(job.model_path or "model"))
     return infer_shapes(model)
+
+
+def _refuse_nonfinite_weights(model: onnx.ModelProto, target: Target, where: str) -> None:
+    """A NaN or Inf in a weight to quantize would wreck its scale (and every other value with it)."""
+    from .quantizer import weight_inputs
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        rule = target.weight_rule(node.op_type)
+        for name in weight_inputs(node, rule, inits) if rule is not None else ():
+            w = numpy_helper.to_array(inits[name])
+            if w.dtype.kind == "f" and not np.isfinite(w).all():
+                raise ModelError(
+                    f"{where}: weight '{name}' of {node.op_type} '{node.name}' holds NaN or Inf; "
+                    "int8 cannot represent it, fix the float model"
+                )
