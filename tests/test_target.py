@@ -713,16 +713,11 @@ def float32_compute(q: onnx.ModelProto, mode: str) -> set[str]:
 
 
 _ISLAND = "float island between int8 tensors: Conv 'conv1', Relu 'relu1', Conv 'conv2_dw', Clip 'clip2'"
-_GEMM_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="dynamic.py: ORT's quantize_dynamic rewrites every Gemm to '<name>_MatMul' + '<name>_Add' itself, so "
-    "the ignored Gemm is quantized anyway; nodes_to_exclude also needs f'{name}_MatMul' for the skipped Gemms",
-)
 #: (mode, precision_level, ignore key, value, nodes left float32, checker warnings)
 IGNORE_CASES = [
     ("static", 0, "ignore_op_types", ["Gemm"], {"flatten", "fc"}, []),
     ("static", 0, "ignore_op_names", ["conv2_dw"], {"conv1", "relu1", "conv2_dw", "clip2"}, [_ISLAND]),
-    pytest.param("dynamic", 3, "ignore_op_types", ["Gemm"], {"fc"}, [], marks=_GEMM_BUG),
+    ("dynamic", 3, "ignore_op_types", ["Gemm"], {"fc"}, []),
     ("dynamic", 3, "ignore_op_names", ["conv2_dw"], {"conv2_dw"}, []),
     ("fp16", 4, "ignore_op_types", ["Conv"], {"conv1", "conv2_dw", "conv3"}, []),
     ("fp16", 4, "ignore_op_names", ["fc"], {"fc"}, []),

@@ -225,8 +225,24 @@ def _one_line(message: str) -> str:
     return " / ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
+@contextlib.contextmanager
+def _restored_logger() -> Iterator[None]:
+    """The CLI configures the ``xslim_ort`` logger for its run only (main() may be called in-process)."""
+    logger = logging.getLogger("xslim_ort")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI and turn failures into one line and an exit code."""
+    with _restored_logger():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _with_default_command(sys.argv[1:] if argv is None else argv)
     try:
         with _sigterm_unwinds():

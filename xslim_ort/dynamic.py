@@ -26,6 +26,7 @@ log = logging.getLogger("xslim_ort")
 # Op types xslim keeps in float32 under FP16, on top of ORT's own block list.
 FP16_KEEP_FLOAT = ("Resize", "Range", "TopK", "NonMaxSuppression", "RoiAlign", "CumSum")
 FP16_MAX = 65504.0
+_HIDDEN_GEMM = "XslimHiddenGemm"
 
 
 def ignored_node_names(model: onnx.ModelProto, qp: QuantizationParameters) -> set[str]:
@@ -126,6 +127,10 @@ def quantize_dynamic_model(model: onnx.ModelProto, qp: QuantizationParameters) -
     skip = ignored_node_names(model, qp)
     gemm_to_matmul(model, skip)
     weight_only_int8(model, skip)
+    # ORT rewrites every Gemm into MatMul + Add itself; an ignored Gemm must stay a Gemm.
+    hidden = [n for n in model.graph.node if n.op_type == "Gemm"]
+    for node in hidden:
+        node.op_type = _HIDDEN_GEMM
     with tempfile.TemporaryDirectory(prefix="xslim_ort_dynq_") as tmp, quiet_root_logger():
         out = Path(tmp) / "dynq.onnx"
         quantize_dynamic(
@@ -138,6 +143,9 @@ def quantize_dynamic_model(model: onnx.ModelProto, qp: QuantizationParameters) -
             extra_options={"MatMulConstBOnly": True},
         )
         result = onnx.load(str(out))
+    for node in result.graph.node:
+        if node.op_type == _HIDDEN_GEMM:
+            node.op_type = "Gemm"
     _restore_output_types(model, result)
     return result
 

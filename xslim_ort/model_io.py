@@ -192,6 +192,19 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(str(dst), load_external_data=True)
 
 
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give unnamed nodes unique names: exclusions, regions and reports all work by node name."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if node.name:
+            continue
+        name = f"{node.op_type}_{i}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+
+
 def needs_external_data(model: onnx.ModelProto) -> bool:
     """Over protobuf's 2 GB limit (where protobuf's upb backend refuses even to measure the message)."""
     try:

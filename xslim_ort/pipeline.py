@@ -24,6 +24,7 @@ from .model_io import (
     infer_shapes,
     load_model,
     main_opset,
+    name_nodes,
     pin_input_shapes,
     refuse_quantized,
     refuse_unrunnable,
@@ -176,6 +177,7 @@ def prepare_model(job: Job, input_shapes: dict[str, list[int]] | None = None) ->
         with job.progress("simplifying (onnxsim)", None):
             model = simplify(model)
     constants_to_initializers(model)
+    name_nodes(model)
     if job.mode in (Mode.STATIC, Mode.DYNAMIC):
         _refuse_nonfinite_weights(model, job.target, str(job.model_path or "model"))
     return infer_shapes(model)

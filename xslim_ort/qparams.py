@@ -18,12 +18,14 @@ WEIGHT_QMIN, WEIGHT_QMAX = -127, 127
 
 def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.int8]:
     """Scale and zero point of an asymmetric int8 activation covering [lo, hi]."""
-    lo = min(float(lo), 0.0)
-    hi = max(float(hi), 0.0)
-    scale = np.float32((hi - lo) / (ACT_QMAX - ACT_QMIN))
+    # As ORT does: float32 range, float64 scale for the zero point, float32 scale stored.
+    lo = min(float(np.float32(lo)), 0.0)
+    hi = max(float(np.float32(hi)), 0.0)
+    scale64 = (hi - lo) / (ACT_QMAX - ACT_QMIN)
+    scale = np.float32(scale64)
     if not np.isfinite(scale) or scale < np.finfo(np.float32).tiny:
         return np.float32(1.0), np.int8(0)
-    zp = round(ACT_QMIN - lo / float(scale))
+    zp = int(np.round(ACT_QMIN - lo / scale64))
     return scale, np.int8(min(max(zp, ACT_QMIN), ACT_QMAX))
 
 
