@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import html
 import json
-import logging
 import os
 import re
 import shutil
@@ -54,17 +53,6 @@ from xslim_ort.targets import load_target
 from helpers import run_model
 
 CACHE_ENTRY = re.compile(r"[0-9a-f]{64}\.json")  # the range cache, the only file a run may add beside its output
-
-
-@pytest.fixture(autouse=True)
-def _restore_cli_logging() -> Iterator[None]:
-    """The CLI points the xslim_ort logger at the current stderr; leave it as found for other modules."""
-    logger = logging.getLogger("xslim_ort")
-    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-    logger.propagate = propagate
 
 
 def _files(root: Path) -> set[str]:
