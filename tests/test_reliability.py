@@ -66,7 +66,7 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, captured.err.strip().splitlines(), captured.out
 
 
-def _signature(node: onnx.NodeProto) -> tuple:
+def _signature(node: onnx.NodeProto) -> tuple[str, str, list[tuple[str, Any]]]:
     """Op, domain and attributes; a subgraph by its nodes (shape inference may add value_info to it)."""
     attrs = [
         (a.name, [(n.op_type, list(n.input), list(n.output)) for n in a.g.node])
@@ -77,7 +77,7 @@ def _signature(node: onnx.NodeProto) -> tuple:
     return node.op_type, node.domain, attrs
 
 
-def _params() -> list:
+def _params() -> list[Any]:
     return [
         pytest.param(c, id=c.name, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])
         for c in CASES
@@ -117,6 +117,7 @@ def test_bad_input(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str
         "activation_quantizers": expect.activation_quantizers,
     }
     by_name = {n.name: n for n in q.graph.node}
+    assert set(expect.kept) <= {n.name for n in float_model.graph.node}
     for node in float_model.graph.node:
         if node.name in expect.kept:
             assert _signature(by_name[node.name]) == _signature(node)
@@ -271,7 +272,7 @@ def _encode(doc: Any, encoding: str, at: int) -> tuple[bytes, str | None]:
     at=st.integers(0, 10_000),
 )
 def test_any_config_is_accepted_or_refused_in_one_line(
-    fuzz_root: Path, capsys: pytest.CaptureFixture[str], mutations: list, encoding: str, at: int
+    fuzz_root: Path, capsys: pytest.CaptureFixture[str], mutations: list[tuple[str, Any]], encoding: str, at: int
 ) -> None:
     capsys.readouterr()
     with tempfile.TemporaryDirectory(dir=fuzz_root) as tmp:
