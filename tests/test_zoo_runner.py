@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import run_model, tiny_cnn, write_npy_samples
 
 from xslim_ort.cli import main
 from xslim_ort.qparams import cosine, sqnr_db
 from xslim_ort.zoo.manifest import load_manifest, manifest_schema
+
+from helpers import run_model, tiny_cnn, write_npy_samples
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "zoo" / "manifest.json"
@@ -345,29 +346,38 @@ def test_labelled_top1_against_a_labels_file(tiny_zoo, capsys):
 
 @pytest.mark.zoo
 def test_shipped_manifest_passes_and_fails_when_a_threshold_is_raised(zoo, tmp_path, monkeypatch, capsys):
-    """MobileNetV2 of the shipped manifest as is; then the same with min_sqnr_db above what it reaches."""
+    """MobileNetV2 of the shipped manifest, thresholds as shipped, on a CI-sized run (16 calibration
+    batches, 16 evaluation and labelled images); then the same with min_sqnr_db above what it reaches."""
     monkeypatch.setenv("XSLIM_ORT_ZOO", str(zoo))
-    work = ["--work-dir", str(tmp_path / "work")]  # shared, so the second run reuses the calibrated ranges
+    data = json.loads(SHIPPED.read_text())
+    data["config"]["calibration_parameters"]["calibration_step"] = 16
+    target = next(m for m in data["models"] if m["name"] == "mobilenet_v2")
+    target["eval"]["samples"] = 16
+    short = tmp_path / "zoo" / "manifest.json"  # zoo_root comes from $XSLIM_ORT_ZOO
+    short.parent.mkdir()
+    short.write_text(json.dumps(data))
     out_json, junit, md = tmp_path / "r.json", tmp_path / "r.xml", tmp_path / "r.md"
-    args = [str(SHIPPED), "--only", "mobilenet_v2", "--json", str(out_json), "--junit", str(junit)]
-    code, out, _ = run_cli([*args, "--markdown", str(md), *work], capsys)
+    args = [str(short), "--only", "mobilenet_v2", "--json", str(out_json), "--junit", str(junit), "--markdown", str(md)]
+    code, out, _ = run_cli(args, capsys)
     assert code == 0, out
     model = json.loads(out_json.read_text())["models"][0]
     metrics = model["metrics"]
-    assert model["samples"] == {"eval": 69, "labelled": 20}
-    assert metrics["float_labelled_top1"] == 0.85  # 17 of 20, as the zoo README measured
-    assert metrics["sqnr_db"] >= 13.0 and metrics["top1_agreement"] >= 0.65 and metrics["cosine"] >= 0.97
+    assert model["samples"] == {"eval": 16, "labelled": 16}
+    assert metrics["float_labelled_top1"] == 0.8125  # 13 of the first 16 labelled images
+    thresholds = target["thresholds"]
+    assert metrics["sqnr_db"] >= thresholds["min_sqnr_db"] and metrics["cosine"] >= thresholds["min_cosine"]
+    assert metrics["top1_agreement"] >= thresholds["min_top1_agreement"]
+    assert metrics["top1_drop"] <= thresholds["max_top1_drop"]
     assert out.splitlines()[-1] == "zoo: 1 passed, 0 failed, 0 errors"
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
     assert md.read_text().count("| mobilenet_v2 | pass |") == 1
 
-    data = json.loads(SHIPPED.read_text())
-    target = next(m for m in data["models"] if m["name"] == "mobilenet_v2")
     raised = round(metrics["sqnr_db"] + 10.0, 2)
     target["thresholds"]["min_sqnr_db"] = raised
-    strict = tmp_path / "zoo" / "manifest.json"  # zoo_root comes from $XSLIM_ORT_ZOO
-    strict.parent.mkdir()
-    strict.write_text(json.dumps(data))
-    code, out, _ = run_cli([str(strict), "--only", "mobilenet_v2", *work], capsys)
+    short.write_text(json.dumps(data))
+    code, out, _ = run_cli([str(short), "--only", "mobilenet_v2", "--junit", str(junit)], capsys)
     assert code == 1
-    assert out.splitlines()[-1] == f"FAIL mobilenet_v2: sqnr_db {metrics['sqnr_db']:.2f} < {raised:.2f} (min_sqnr_db)"
+    message = f"sqnr_db {metrics['sqnr_db']:.2f} < {raised:.2f} (min_sqnr_db)"
+    assert out.splitlines()[-1] == f"FAIL mobilenet_v2: {message}"
+    case = ET.parse(junit).getroot().find("testsuite/testcase")
+    assert (case.get("name"), case.find("failure").get("message")) == ("mobilenet_v2", message)
