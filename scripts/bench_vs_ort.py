@@ -130,8 +130,8 @@ def save_tensors(entry: Any, folder: Path, lists: tuple[Path, ...], count: int, 
     """Preprocess ``count`` samples of ``lists`` as the entry's config says; one .npy per sample and input."""
     import numpy as np
     import onnx
-    from xslim_ort.calibration.readers import XSlimDataReader
 
+    from xslim_ort.calibration.readers import XSlimDataReader
     from xslim_ort.config import load_config
 
     cfg = load_config(entry.config)
