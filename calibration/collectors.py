@@ -43,6 +43,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from ..model_io import needs_external_data
 from .batches import Batch, BatchSource
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ def _working_copy(model: onnx.ModelProto, tmp: Path) -> onnx.ModelProto:
     """A shape-inferred copy to augment; weights of a model near 2 GB move to external data in ``tmp``."""
     if any(_is_external(t) for t in model.graph.initializer):
         raise ValueError("the model's external data is not loaded: pass its path, or load it with the data")
-    if model.ByteSize() < _PROTO_LIMIT:
+    if not needs_external_data(model, _PROTO_LIMIT):
         return onnx.shape_inference.infer_shapes(model)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -357,18 +358,22 @@ def _with_reductions(model: onnx.ModelProto, names: Sequence[str]) -> onnx.Model
             src = f"{name}__xslim_f32"
             g.node.append(helper.make_node("Cast", [name], [src], name=src, to=TensorProto.FLOAT))
         mn, mx, sm, sz = _stat_names(name)
-        g.node.extend([
-            helper.make_node("ReduceMin", [src], [mn], name=mn, keepdims=0),
-            helper.make_node("ReduceMax", [src], [mx], name=mx, keepdims=0),
-            helper.make_node("ReduceSum", [src], [sm], name=sm, keepdims=0),
-            helper.make_node("Size", [src], [sz], name=sz),
-        ])
-        g.output.extend([
-            helper.make_tensor_value_info(mn, TensorProto.FLOAT, []),
-            helper.make_tensor_value_info(mx, TensorProto.FLOAT, []),
-            helper.make_tensor_value_info(sm, TensorProto.FLOAT, []),
-            helper.make_tensor_value_info(sz, TensorProto.INT64, []),
-        ])
+        g.node.extend(
+            [
+                helper.make_node("ReduceMin", [src], [mn], name=mn, keepdims=0),
+                helper.make_node("ReduceMax", [src], [mx], name=mx, keepdims=0),
+                helper.make_node("ReduceSum", [src], [sm], name=sm, keepdims=0),
+                helper.make_node("Size", [src], [sz], name=sz),
+            ]
+        )
+        g.output.extend(
+            [
+                helper.make_tensor_value_info(mn, TensorProto.FLOAT, []),
+                helper.make_tensor_value_info(mx, TensorProto.FLOAT, []),
+                helper.make_tensor_value_info(sm, TensorProto.FLOAT, []),
+                helper.make_tensor_value_info(sz, TensorProto.INT64, []),
+            ]
+        )
     return aug
 
 
@@ -404,7 +409,7 @@ def _session(
         # Spinning ORT workers would fight the NumPy thread of pass 2 (and other processes).
         session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = list(providers) if providers else ["CPUExecutionProvider"]
-    if model.ByteSize() < _PROTO_LIMIT and not any(_is_external(t) for t in model.graph.initializer):
+    if not needs_external_data(model, _PROTO_LIMIT) and not any(_is_external(t) for t in model.graph.initializer):
         return ort.InferenceSession(model.SerializeToString(), session_options, providers=providers)
     path = tmp / "augmented.onnx"
     onnx.save_model(model, str(path))

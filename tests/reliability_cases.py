@@ -473,10 +473,6 @@ def _preprocess(body: str) -> tuple[tuple[str, str], ...]:
 STACK = "    return np.stack([np.load(p) for p in paths])"
 USER = {**NPY_ENTRY, "preprocess_file": "pre.py:load"}
 DATA = "{tmp}/data"
-IF_BUG = (
-    "the quantizer drops the Relu fused into conv1 although the If branches read its output r1 from the outer "
-    "scope: they get the raw Conv output (removable_activation ignores subgraph consumers; xslim_ort/quantizer.py)"
-)
 
 CASES: list[Case] = [
     # ---- images
@@ -759,7 +755,7 @@ CASES: list[Case] = [
             "for; static quantization has to run the model to calibrate it (--dynq and --fp16 do not)"
         ),
     ),
-    Case("model_if_subgraphs", project(good_npy(), NPY_ENTRY, model=if_model), Works(1, 2, kept=("branch",)), IF_BUG),
+    Case("model_if_subgraphs", project(good_npy(), NPY_ENTRY, model=if_model), Works(1, 2, kept=("branch",))),
     Case("model_loop_subgraph", project(good_npy(), NPY_ENTRY, model=loop_model), Works(1, 2, kept=("loop",))),
     Case(
         "model_zero_size_tensor",

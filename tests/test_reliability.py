@@ -407,14 +407,9 @@ def test_same_inputs_give_identical_bytes_across_processes(tmp_path: Path) -> No
 
 # Measured on the CI machine (2 cores): about 3.5 minutes, 9.8 GB peak RSS, 7 GB of files at once.
 BIG_RAM, BIG_DISK = 12 * 2**30, 8 * 2**30
-COLLECTORS_BUG = (
-    "calibration/collectors.py (_working_copy) calls ModelProto.ByteSize(), which raises EncodeError past 2 GB "
-    "with protobuf's upb backend; model_io.needs_external_data is the safe test"
-)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=COLLECTORS_BUG)
 def test_model_over_2gb_with_external_data(tmp_path: Path) -> None:
     if psutil.virtual_memory().available < BIG_RAM or shutil.disk_usage(tmp_path).free < BIG_DISK:
         pytest.skip(f"needs {BIG_RAM >> 30} GB of free RAM and {BIG_DISK >> 30} GB of free disk")

@@ -205,10 +205,10 @@ def name_nodes(model: onnx.ModelProto) -> None:
         taken.add(name)
 
 
-def needs_external_data(model: onnx.ModelProto) -> bool:
-    """Over protobuf's 2 GB limit (where protobuf's upb backend refuses even to measure the message)."""
+def needs_external_data(model: onnx.ModelProto, limit: int = _PROTOBUF_LIMIT) -> bool:
+    """Over protobuf's 2 GB limit, or ``limit`` (protobuf's upb backend refuses even to measure past 2 GB)."""
     try:
-        return model.ByteSize() > _PROTOBUF_LIMIT
+        return model.ByteSize() > limit
     except EncodeError:
         return True
 

@@ -8,6 +8,7 @@ and handed to ORT as an override, and activation ranges come from our calibrator
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping
 
 import numpy as np
@@ -230,8 +231,25 @@ class TargetQuantizer(QDQQuantizer):
         return bool(nodes) and not self.model.is_graph_output(tensor) and all(n.name in self.float_nodes for n in nodes)
 
     def read_by_float(self, tensor: str) -> bool:
-        """Whether some float node reads ``tensor`` (it then needs its true float values)."""
+        """Whether some float node (or a subgraph, which stays float) reads ``tensor``."""
+        if tensor in self._subgraph_reads:
+            return True
         return any(n.name in self.float_nodes for n in self.model.input_name_to_nodes().get(tensor, []))
+
+    @functools.cached_property
+    def _subgraph_reads(self) -> set[str]:
+        """Outer-scope tensors that If/Loop/Scan bodies read."""
+        reads: set[str] = set()
+
+        def visit(graph: onnx.GraphProto) -> None:
+            for node in graph.node:
+                for attr in node.attribute:
+                    for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                        reads.update(i for n in sub.node for i in n.input)
+                        visit(sub)
+
+        visit(self.model.model.graph)
+        return reads
 
     def mark_tensors(self) -> None:
         """Let each op's handler mark the tensors it wants quantized.
