@@ -90,3 +90,21 @@ def test_zoo_model_beats_ort_baseline(zoo, tmp_path, name):
     weighted = [n for n in qmodel.graph.node if n.op_type in ("Conv", "Gemm")]
     assert rep.stats["quantized_weights"] == len(weighted) >= 50
     assert [i.name for i in qmodel.graph.input] == ["input"] and [o.name for o in qmodel.graph.output] == ["logits"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--dynq", "--fp16"])
+def test_zoo_dynamic_and_fp16_match_float(zoo, tmp_path, flag):
+    from xslim_ort.qparams import cosine
+
+    src = zoo / "models" / "mobilenet_v2.onnx"
+    out = tmp_path / "m.onnx"
+    assert main(["-q", "quantize", "-i", str(src), "-o", str(out), flag]) == 0
+    float_model = onnx.load(src)
+    reader = XSlimDataReader(load_config(zoo_config(zoo, "mobilenet_v2", tmp_path, "eval.txt")), float_model)
+    batches = list(iter(reader.get_next, None))
+    ref, got = outputs(src, batches), outputs(out, batches)
+    cosines = [cosine(a, b) for a, b in zip(ref, got, strict=True)]
+    print(f"{flag}: mean cosine {np.mean(cosines):.5f}, min {np.min(cosines):.5f}")
+    assert np.mean(cosines) >= 0.99
+    assert min(cosines) >= 0.98
