@@ -1,0 +1,449 @@
+"""Block-by-block passes: equalization statistics, bias correction, block reconstruction.
+
+Every pass walks the blocks in topological order carrying two sets of activations: the
+float model's, and the fake-quantized model's *as tuned so far*. A block is scored and
+tuned on the quantized activations at its inputs, so it learns to undo upstream error
+instead of passing it on, and its output loss is measured against the float block run
+on float inputs. Each change is kept only if the block's output loss goes down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..qparams import fake_quant_activation
+from .equalize import ChannelStats, apply_scales, chain_scales, find_chains
+from .graph import Block, GraphIndex, attr, partition
+from .rounding import InputStats, Layer, choose_rounding, grid_weight
+from .schemes import WeightScheme
+from .simulate import BlockSessions, scale_zp_feeds
+
+logger = logging.getLogger("xslim_ort.tuning")
+
+Batch = dict[str, np.ndarray]
+Outputs = list[list[np.ndarray]]  # per batch, one array per requested output
+Cache = dict[str, list[np.ndarray]]  # tensor -> one array per batch
+
+#: Activation range candidates, as factors of the current range, for the range search.
+RANGE_FACTORS = (0.6, 0.7, 0.8, 0.9, 1.1, 1.25)
+#: Batches the range search scores candidates on.
+RANGE_SEARCH_BATCHES = 16
+#: Hessian rows gathered per weight column and layer: conv inputs are subsampled to about
+#: this many positions per column, plenty for the estimate and far cheaper than all.
+HESSIAN_SAMPLES_PER_COLUMN = 256
+#: Every this-many-th calibration batch is held out: tuning fits on the others, and keeps a
+#: change (or picks a layer's rounding) only if it helps on these.
+HOLD_OUT_EVERY = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one finetune level does. Block counts pick the blocks adding the most noise
+    on their own (``Tuner.rank``); None means every block."""
+
+    bias_correction: bool = True
+    range_blocks: int | None = 0  # blocks whose activation ranges are re-searched
+    rounded_blocks: int | None = 0  # blocks whose weights GPTQ re-rounds
+    iterations: int = 1  # rounding + range search rounds per block
+
+
+PLANS = {
+    1: Plan(range_blocks=None),
+    2: Plan(range_blocks=None, rounded_blocks=5),
+    3: Plan(range_blocks=None, rounded_blocks=None, iterations=2),
+}
+
+
+def relative_error(ref: Outputs, test: Outputs, mask: Sequence[bool]) -> float:
+    """Noise-to-signal power ratio over all batches and the outputs selected by ``mask``."""
+    num = den = 0.0
+    for r_batch, t_batch in zip(ref, test, strict=True):
+        for r, t, m in zip(r_batch, t_batch, mask, strict=True):
+            if m:
+                r64 = r.astype(np.float64)
+                num += float(np.sum((r64 - t) ** 2))
+                den += float(np.sum(r64**2))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _db(loss: float) -> float:
+    return math.inf if loss == 0 else -10.0 * math.log10(loss)
+
+
+def shrunk_mean(d: np.ndarray) -> np.ndarray:
+    """Per-channel mean of ``d`` (``[samples, channels]``), shrunk towards 0 by its noise.
+
+    With a few dozen samples the estimated shift of a channel can be mostly sampling
+    noise; scaling it by ``max(0, 1 - se^2 / mean^2)`` (James-Stein style) keeps clear
+    shifts whole and drops the ones indistinguishable from noise.
+    """
+    mean = d.mean(axis=0)
+    if d.shape[0] < 2:
+        return mean
+    se2 = d.var(axis=0, ddof=1) / d.shape[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(mean != 0, np.maximum(0.0, 1.0 - se2 / mean**2), 0.0)
+    return mean * factor
+
+
+class Tuner:
+    """Holds the model being tuned and runs the passes of one finetune level."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        batches: Sequence[Batch],
+        ranges: Mapping[str, tuple[float, float]],
+        quantized_tensors: Collection[str],
+        weight_schemes: Mapping[str, WeightScheme],
+        progress: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.graph = GraphIndex(model)
+        self.batches = list(batches)
+        n = len(self.batches)
+        # Every HOLD_OUT_EVERY-th batch is held out: changes are fitted on the others and
+        # kept only if they help on these (too few batches: both are all of them).
+        self.held_out = [k for k in range(n) if k % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1] or list(range(n))
+        self.fit = [k for k in range(n) if k not in set(self.held_out)] or list(range(n))
+        self.quantized = {t for t in quantized_tensors if t in ranges}
+        self.ranges = {t: (float(lo), float(hi)) for t, (lo, hi) in ranges.items()}
+        self.calibrated = dict(self.ranges)
+        self.schemes = weight_schemes
+        self.progress = progress
+        self.blocks = partition(self.graph, self.quantized, weight_schemes)
+        self.layers: dict[int, Layer] = {}
+        for b in self.blocks:
+            for n in b.layers:
+                w = self.graph.layer_weight(n, weight_schemes)
+                self.layers[n] = Layer.from_node(self.graph, n, weight_schemes[w])
+        self.chains = find_chains(self.graph, weight_schemes, self.quantized)
+        self.block_params = {b.index: self._params_of(b) for b in self.blocks}
+        self.params = {p: self.graph.inits[p] for ps in self.block_params.values() for p in ps}
+        self.float_params = dict(self.params)
+        self.frozen: set[str] = set()
+        self.log: list[dict] = []
+        self._fq: dict[str, np.ndarray] = {}
+        self._version: dict[str, int] = {}
+        self._float_version = 0
+        self._sessions: dict[int, BlockSessions] = {}
+        self._equalized: set[str] = set()
+        last: dict[str, int] = {}
+        for b in self.blocks:
+            for t in b.inputs:
+                last[t] = b.index
+        self._last_use = last
+
+    # --- bookkeeping -------------------------------------------------------------------
+    def _params_of(self, block: Block) -> list[str]:
+        """Initializers fed at run time: quantized weights, and the biases tuning changes."""
+        names = {t for n in block.nodes for t in self.graph.nodes[n].input if t in self.schemes}
+        names &= set(self.graph.inits)
+        names |= {self.layers[n].bias for n in block.layers if self.layers[n].bias}
+        return sorted(names)
+
+    def _session(self, block: Block) -> BlockSessions:
+        if block.index not in self._sessions:
+            produced = {t for n in block.nodes for t in self.graph.nodes[n].output}
+            inputs = [self.graph.nodes[n].input[0] for n in block.layers]
+            reduce = [self.layers[n].output for n in block.layers]
+            reduce += [t for c in self.chains for t in c.quantized if t in produced]
+            self._sessions[block.index] = BlockSessions(
+                self.graph, block, self.quantized, self.block_params[block.index], inputs, reduce
+            )
+        return self._sessions[block.index]
+
+    def _set(self, name: str, value: np.ndarray) -> None:
+        self.params[name] = value
+        self._version[name] = self._version.get(name, 0) + 1
+        self._fq.pop(name, None)
+
+    def _quant_value(self, name: str) -> np.ndarray:
+        if name not in self._fq:
+            v = self.params[name]
+            self._fq[name] = self.schemes[name].fake_quant(v) if name in self.schemes else v
+        return self._fq[name]
+
+    def _run(self, block: Block, quant: bool, outputs: list[str], cache: Cache,
+             subset: Sequence[int] | None = None) -> Outputs:
+        """Run the float or fake-quant block over all batches (or the ``subset``), reading its
+        inputs from ``cache``."""
+        return list(self._stream(block, quant, outputs, cache, subset))
+
+    def _stream(self, block: Block, quant: bool, outputs: list[str], cache: Cache,
+                subset: Sequence[int] | None = None) -> Iterator[list[np.ndarray]]:
+        """``_run`` one batch at a time, for outputs too large to hold for every batch."""
+        sess = self._session(block)
+        names = self.block_params[block.index]
+        feeds: dict[str, np.ndarray] = {}
+        if quant:
+            params = {p: self._quant_value(p) for p in names}
+            key: tuple = tuple(self._version.get(p, 0) for p in names)
+            for t in sess.quantized:
+                feeds.update(scale_zp_feeds(t, self.ranges[t]))
+        else:
+            params, key = self.float_params, (self._float_version,)
+        for k in range(len(self.batches)) if subset is None else subset:
+            feeds.update({t: cache[t][k] for t in block.inputs})
+            yield sess.run(quant, params, key, feeds, outputs)
+
+    def _float_mask(self, block: Block) -> list[bool]:
+        return [self.graph.is_float(t) for t in block.outputs]
+
+    def _held_out_loss(self, block: Block, ref: Outputs, quant: Outputs) -> float:
+        """Block output loss on the held-out batches (``ref``, ``quant``: all batches)."""
+        return relative_error([ref[k] for k in self.held_out], [quant[k] for k in self.held_out],
+                              self._float_mask(block))
+
+    def _record(self, block: Block, step: str, before: float, after: float, kept: bool, t0: float) -> None:
+        rec = {
+            "name": block.name, "index": block.index, "total": len(self.blocks), "step": step,
+            "loss_before": before, "loss_after": after, "kept": kept, "seconds": time.perf_counter() - t0,
+        }
+        self.log.append(rec)
+        logger.info(
+            "block %d/%d %s: %s %.2f dB -> %.2f dB%s (%.1f s)", block.index + 1, len(self.blocks), block.name,
+            step, _db(before), _db(after), "" if kept else " (rolled back)", rec["seconds"],
+        )
+        if self.progress is not None:
+            self.progress(rec)
+
+    # --- the walk --------------------------------------------------------------------------
+    def _sweep(self, visit: Callable[[Block, Cache, Cache], tuple[Outputs, Outputs]]) -> None:
+        """Walk the blocks in order; ``visit`` returns the float and quantized block outputs."""
+        cf: Cache = {}
+        cq: Cache = {}
+        for t in self.graph.graph_inputs:
+            cf[t] = [b[t] for b in self.batches]
+            cq[t] = [fake_quant_activation(x, *self.ranges[t]) if t in self.quantized else x for x in cf[t]]
+        for block in self.blocks:
+            ref, quant = visit(block, cf, cq)
+            for j, t in enumerate(block.outputs):
+                cf[t] = [r[j] for r in ref]
+                cq[t] = [q[j] for q in quant]
+            for t in [t for t in cf if self._last_use.get(t, -1) <= block.index]:
+                del cf[t], cq[t]
+
+    # --- level 1: equalization ---------------------------------------------------------------
+    def equalize(self) -> None:
+        """Cross-layer equalization of every exact chain (see ``equalize``)."""
+        if not self.chains:
+            return
+        t0 = time.perf_counter()
+        wanted = {t for c in self.chains for t in c.quantized}
+        stats: dict[str, ChannelStats] = {}
+
+        def visit(block: Block, cf: Cache, cq: Cache) -> tuple[Outputs, Outputs]:
+            produced = {t for n in block.nodes for t in self.graph.nodes[n].output}
+            probes = [t for t in sorted(wanted & produced) if self._session(block).reduced(t)]
+            names = [t + sfx for t in probes for sfx in ("__cmin", "__cmax", "__cmsq")]
+            n_out = len(block.outputs)
+            out = self._run(block, False, [*block.outputs, *names], cf)
+            for batch in out:
+                for j, t in enumerate(probes):
+                    lo, hi, sq = batch[n_out + 3 * j : n_out + 3 * j + 3]
+                    if t in stats:
+                        stats[t].update(lo, hi, sq)
+                    else:
+                        stats[t] = ChannelStats(lo, hi, sq)
+            ref = [batch[:n_out] for batch in out]
+            return ref, ref
+
+        self._sweep(visit)
+        scaled = 0
+        for chain in self.chains:
+            if any(t not in stats for t in chain.quantized):
+                continue
+            conv2 = self.graph.nodes[chain.second]
+            a = chain_scales(chain, stats, self.ranges, self.params[conv2.input[1]], int(attr(conv2, "group", 1)))
+            apply_scales(self.graph, chain, a, self.params)
+            scaled += int(np.count_nonzero(a != 1.0))
+            self._equalized.update(chain.quantized)
+        self._fq.clear()
+        for name in self.params:
+            self._version[name] = self._version.get(name, 0) + 1
+        self.float_params = dict(self.params)
+        self._float_version += 1
+        logger.info("equalized %d chains (%d channels scaled) in %.1f s", len(self.chains), scaled,
+                    time.perf_counter() - t0)
+
+    # --- ranking -------------------------------------------------------------------------------
+    def rank(self) -> dict[int, float]:
+        """Noise-to-signal ratio each block adds on its own (float inputs, quantized block).
+
+        Measured in linear power, not dB: noise powers add up along the network, so a late
+        block going from 17 to 12 dB hurts the output far more than an early one going
+        from 40 to 26 dB, although the latter loses more dB.
+        """
+        local: dict[int, float] = {}
+
+        def visit(block: Block, cf: Cache, cq: Cache) -> tuple[Outputs, Outputs]:
+            ref = self._run(block, False, list(block.outputs), cf)
+            alone = self._run(block, True, list(block.outputs), cf)
+            local[block.index] = relative_error(ref, alone, self._float_mask(block))
+            return ref, ref
+
+        self._sweep(visit)
+        return local
+
+    # --- the main pass ---------------------------------------------------------------------------
+    def tune(self, plan: Plan) -> None:
+        """Bias correction of every block, reconstruction of the selected ones."""
+        counts = [c for c in (plan.range_blocks, plan.rounded_blocks) if c]
+        order = [b.index for b in self.blocks]
+        if counts:
+            local = self.rank()
+            order = sorted(local, key=lambda i: -local[i])
+        range_set = set(order if plan.range_blocks is None else order[: plan.range_blocks])
+        round_set = set(order if plan.rounded_blocks is None else order[: plan.rounded_blocks])
+
+        def visit(block: Block, cf: Cache, cq: Cache) -> tuple[Outputs, Outputs]:
+            sess = self._session(block)
+            layers = [
+                L for L in (self.layers[n] for n in block.layers) if L.bias and sess.reduced(L.output)
+            ] if plan.bias_correction else []
+            outs, n_out = list(block.outputs), len(block.outputs)
+            fout = self._run(block, False, [*outs, *(L.output + "__cmean" for L in layers)], cf)
+            ref = [batch[:n_out] for batch in fout]
+            quant = self._run(block, True, outs, cq)
+            loss = self._held_out_loss(block, ref, quant)
+            if layers:
+                f_means = [np.concatenate([fout[k][n_out + j] for k in self.fit]) for j in range(len(layers))]
+                quant, loss = self._bias_correct(block, cq, ref, quant, loss, layers, f_means)
+            if block.index in range_set | round_set:
+                quant, loss = self._reconstruct(block, cf, cq, ref, quant, loss, plan.iterations,
+                                                block.index in round_set, block.index in range_set)
+            return ref, quant
+
+        self._sweep(visit)
+
+    def _bias_correct(self, block: Block, cq: Cache, ref: Outputs, quant: Outputs, loss: float,
+                      layers: list[Layer], f_means: list[np.ndarray]) -> tuple[Outputs, float]:
+        """Empirical bias correction of the layers' per-channel output means (on the fitting
+        batches), one layer at a time so each is measured after the ones above it."""
+        t0 = time.perf_counter()
+        saved = {L.bias: self.params[L.bias] for L in layers}
+        for L, fm in zip(layers, f_means, strict=True):
+            qout = self._run(block, True, [L.output + "__cmean"], cq, self.fit)
+            qm = np.concatenate([batch[0] for batch in qout])
+            b = self.params[L.bias]
+            shift = shrunk_mean(fm.astype(np.float64) - qm).reshape(L.groups, -1)
+            self._set(L.bias, L.unbias(L.bias_rows(b.astype(np.float64)) + shift, b))
+        return self._keep_if_better(block, "bias_correction", ref, quant, loss, cq, saved, {}, t0)
+
+    def _keep_if_better(self, block: Block, step: str, ref: Outputs, quant: Outputs, loss: float, cq: Cache,
+                        saved_params: dict[str, np.ndarray], saved_ranges: dict[str, tuple[float, float]],
+                        t0: float, saved_frozen: set[str] | None = None) -> tuple[Outputs, float]:
+        """Keep the block's new parameters if its held-out loss went down, else restore them."""
+        new = self._run(block, True, list(block.outputs), cq)
+        new_loss = self._held_out_loss(block, ref, new)
+        kept = new_loss < loss
+        self._record(block, step, loss, new_loss, kept, t0)
+        if kept:
+            return new, new_loss
+        for name, v in saved_params.items():
+            self._set(name, v)
+        self.ranges.update(saved_ranges)
+        if saved_frozen is not None:
+            self.frozen = saved_frozen
+        return quant, loss
+
+    def _reconstruct(self, block: Block, cf: Cache, cq: Cache, ref: Outputs, quant: Outputs, loss: float,
+                     iterations: int, round_weights: bool, search_ranges: bool) -> tuple[Outputs, float]:
+        """GPTQ rounding, then range search, of one block; kept only if the held-out loss drops.
+
+        Rounding goes first: searching ranges for round-to-nearest weights and then letting
+        GPTQ absorb the new clipping was measured to generalize worse.
+        """
+        t0 = time.perf_counter()
+        saved_params = {p: self.params[p] for p in self.block_params[block.index]}
+        saved_ranges = {t: self.ranges[t] for t in self._session(block).quantized}
+        saved_frozen = set(self.frozen)
+        for _ in range(iterations):
+            if round_weights:
+                for n in block.layers:
+                    self._round_layer(block, self.layers[n], cf, cq)
+            if search_ranges:
+                self._search_ranges(block, cq, ref)
+        step = "reconstruction" if round_weights else "range_search"
+        return self._keep_if_better(block, step, ref, quant, loss, cq, saved_params, saved_ranges, t0, saved_frozen)
+
+    def _search_ranges(self, block: Block, cq: Cache, ref: Outputs) -> None:
+        """Coordinate search of each quantized tensor's range by the block's output error,
+        on at most ``RANGE_SEARCH_BATCHES`` evenly spaced fitting batches."""
+        mask = self._float_mask(block)
+        outputs = list(block.outputs)
+        subset = self.fit[:: max(1, len(self.fit) // RANGE_SEARCH_BATCHES)]
+        sub_ref = [ref[k] for k in subset]
+        for t in self._session(block).quantized:
+            base = self.ranges[t]
+            floor, ceil = self._clip_bounds(t)
+            best, best_loss = base, relative_error(sub_ref, self._run(block, True, outputs, cq, subset), mask)
+            for f in RANGE_FACTORS:
+                self.ranges[t] = (max(base[0] * f, floor), min(base[1] * f, ceil))
+                cand = relative_error(sub_ref, self._run(block, True, outputs, cq, subset), mask)
+                if cand < best_loss:
+                    best, best_loss = self.ranges[t], cand
+            self.ranges[t] = best
+
+    def _clip_bounds(self, tensor: str) -> tuple[float, float]:
+        """Bounds a Relu/Clip producer puts on ``tensor``: a range past them wastes codes, and
+        the quantizer drops the Relu/Clip when the range sits inside them."""
+        p = self.graph.producer.get(tensor)
+        node = self.graph.nodes[p] if p is not None else None
+        if node is None or node.op_type not in ("Relu", "Clip"):
+            return -math.inf, math.inf
+        if node.op_type == "Relu":
+            return 0.0, math.inf
+        lo = self.graph.constant_value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        hi = self.graph.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+
+    def _round_layer(self, block: Block, layer: Layer, cf: Cache, cq: Cache) -> None:
+        """GPTQ-round one layer against its float output, on the quantized block's inputs."""
+        mode = layer.row_quantization()
+        if mode is None:
+            return
+        inp = self.graph.nodes[layer.node_id].input[0]
+        w = self.float_params[layer.weight]
+        rows = layer.rows(w.astype(np.float64))
+        per_batch = -(-HESSIAN_SAMPLES_PER_COLUMN * (rows.shape[2] + 1) // len(self.batches))
+        fit, held_out = (InputStats(rows.shape[0], rows.shape[2]) for _ in range(2))
+        pairs = zip(self._stream(block, False, [inp], cf), self._stream(block, True, [inp], cq), strict=True)
+        held = set(self.held_out) if self.held_out != self.fit else set()
+        for k, ((xf,), (xq,)) in enumerate(pairs):
+            (held_out if k in held else fit).add(layer.patches(xf, per_batch), layer.patches(xq, per_batch))
+        b = self.float_params[layer.bias] if layer.bias else None
+        r = choose_rounding(rows, layer.bias_rows(b.astype(np.float64)) if b is not None else None, fit, held_out,
+                            mode, layer.scheme.power_of_two)
+        if r.method == "gptq":
+            self._set(layer.weight, grid_weight(r, layer, w.shape))
+            self.frozen.add(layer.weight)
+        else:
+            self._set(layer.weight, w)
+            self.frozen.discard(layer.weight)
+        if b is not None and r.bias is not None:
+            self._set(layer.bias, layer.unbias(r.bias, b))
+
+    # --- results ----------------------------------------------------------------------------------
+    def range_overrides(self) -> dict[str, tuple[float, float]]:
+        return {
+            t: r for t, r in self.ranges.items() if t in self._equalized or r != self.calibrated.get(t)
+        }
+
+    def tuned_model(self) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        out.CopyFrom(self.graph.model)
+        for init in out.graph.initializer:
+            if init.name in self.params and self.params[init.name] is not self.graph.inits[init.name]:
+                init.CopyFrom(numpy_helper.from_array(self.params[init.name], init.name))
+        return out
