@@ -52,6 +52,19 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("ORT Percentile per-channel", "ort", {"method": "Percentile", "per_channel": True}),
 ]
 XSLIM_212 = ("xslim 2.1.2 defaults", "xslim", {})
+#: --suite calibration: the five range methods alone (no tuning) against ORT's calibrators.
+CALIBRATION_VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    *[
+        (f"xslim-ort {m}", "xslim-ort", {"calibration_type": m, "finetune_level": 0})
+        for m in ("minmax", "default", "kl", "percentile", "mse")
+    ],
+    (REFERENCE, "ort", {"method": "MinMax", "per_channel": True}),
+    ("ORT Entropy per-channel", "ort", {"method": "Entropy", "per_channel": True}),
+    ("ORT Percentile per-channel", "ort", {"method": "Percentile", "per_channel": True}),
+]
+#: ORT's histogram calibrators keep every activation: past this many samples they would need
+#: more RAM than the benchmark machine has (4.2 GB at 64 on MobileNetV2), so they are not run.
+ORT_MAX_RSS_SAMPLES = 64
 
 
 # --------------------------------------------------------------------------- child side
@@ -153,6 +166,21 @@ def save_tensors(entry: Any, folder: Path, lists: tuple[Path, ...], count: int, 
     return out
 
 
+def repeat_lists(lists: tuple[Path, ...], count: int, folder: Path) -> tuple[Path, ...]:
+    """The lists' samples repeated up to ``count`` lines (the zoo has 64 calibration images)."""
+    from xslim_ort.calibration.readers import read_list
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k, lst in enumerate(lists):
+        paths = [str(sample.path) for sample in read_list(lst)]
+        lines = [paths[i % len(paths)] for i in range(count)]
+        target = folder / f"list{k}.txt"
+        target.write_text("\n".join(lines) + "\n")
+        out.append(target)
+    return tuple(out)
+
+
 def quantize_in_child(spec: dict[str, Any], python: str) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
@@ -242,6 +270,7 @@ def bench_model(args: argparse.Namespace, entry: Any, variants: list, work: Path
     count = len(Path(calib[0][1]).read_text().split())
     rows: dict[str, dict[str, Any]] = {}
     models: dict[str, Path] = {}
+    rss_lists: dict[int, Any] = {}
     for k, (label, kind, options) in enumerate(variants):
         print(f"{entry.name}: {label}", file=sys.stderr)
         out = work / f"q{k}.onnx"
@@ -255,13 +284,35 @@ def bench_model(args: argparse.Namespace, entry: Any, variants: list, work: Path
             "count": count,
             "workdir": str(work / f"w{k}"),
         }
-        rows[label] = quantize_in_child(spec, args.xslim_python if kind == "xslim" else sys.executable)
+        python = args.xslim_python if kind == "xslim" else sys.executable
+        rows[label] = quantize_in_child(spec, python)
         if "error" not in rows[label]:
             models[label] = out
+        for n in args.rss_samples:
+            if kind == "ort" and options["method"] != "MinMax" and n > ORT_MAX_RSS_SAMPLES:
+                continue
+            if n not in rss_lists:
+                repeated = repeat_lists(calib_lists, n, work / f"rss{n}")
+                rss_lists[n] = save_tensors(entry, work / f"rss{n}", repeated, n, f"rss{n}")
+            sub = {
+                **spec,
+                "lists": rss_lists[n],
+                "count": n,
+                "output": str(work / f"rss{k}_{n}.onnx"),
+                "workdir": str(work / f"w{k}_{n}"),
+            }
+            rows[label][f"rss_{n}"] = quantize_in_child(sub, python).get("peak_rss_mib")
     scores, float_ms, n_eval = score(entry.model, models, evals, entry.output, args.runs)
     for label, res in scores.items():
         rows[label].update(res)
-    return {"name": entry.name, "rows": rows, "float_ms": float_ms, "calib": count, "eval": n_eval}
+    return {
+        "name": entry.name,
+        "rows": rows,
+        "float_ms": float_ms,
+        "calib": count,
+        "eval": n_eval,
+        "rss_samples": list(args.rss_samples),
+    }
 
 
 def _f(value: float | None, spec: str) -> str:
@@ -270,6 +321,10 @@ def _f(value: float | None, spec: str) -> str:
 
 def table(result: dict[str, Any], runs: int) -> list[str]:
     ref = result["rows"].get(REFERENCE, {}).get("seconds")
+    rss_n = result.get("rss_samples", [])
+    rss_head = "".join(f" peak RSS @{n} (MiB) |" for n in rss_n)
+    if len(rss_n) == 2:
+        rss_head += f" RSS @{rss_n[1]} ÷ @{rss_n[0]} |"
     lines = [
         f"### {result['name']}",
         "",
@@ -277,8 +332,8 @@ def table(result: dict[str, Any], runs: int) -> list[str]:
         f"{result['float_ms']:.2f} ms (median of {runs}, batch 1, 1 thread).",
         "",
         f"| method | time ÷ {REFERENCE} | time (s) | peak RSS (MiB) | SQNR (dB) | top-1 agreement "
-        "| int8/float latency |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| int8/float latency |{rss_head}",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (rss_head.count("|")),
     ]
     for label, row in result["rows"].items():
         if "error" in row:
@@ -293,7 +348,11 @@ def table(result: dict[str, Any], runs: int) -> list[str]:
             _f(row.get("sqnr_db"), ".2f"),
             _f(row.get("top1_agreement"), ".4f"),
             _f(row.get("latency_ratio"), ".2f"),
+            *[_f(row.get(f"rss_{n}"), ".0f") for n in rss_n],
         ]
+        if len(rss_n) == 2:
+            small, large = row.get(f"rss_{rss_n[0]}"), row.get(f"rss_{rss_n[1]}")
+            cells.append(_f(large / small if small and large else None, ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -322,14 +381,17 @@ def environment() -> str:
     )
 
 
-def write_doc(path: Path, block: str) -> None:
-    """Replace the generated block of the doc (or create the doc), keeping the hand-written rest."""
-    text = path.read_text("utf-8") if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    head, sep, rest = text.partition(BEGIN)
-    _, sep2, tail = rest.partition(END)
+def write_doc(path: Path, block: str, suite: str = "main") -> None:
+    """Replace the suite's generated block of the doc (or create the doc), keeping the hand-written rest."""
+    begin, end = (BEGIN, END) if suite == "main" else (BEGIN.replace(":", f"-{suite}:"), END.replace(":", f"-{suite}:"))
+    text = path.read_text("utf-8") if path.exists() else "# Benchmarks\n"
+    if begin not in text:
+        text = text.rstrip() + f"\n\n{begin}\n{end}\n"
+    head, sep, rest = text.partition(begin)
+    _, sep2, tail = rest.partition(end)
     if not (sep and sep2):
-        raise SystemExit(f"{path}: the markers {BEGIN} and {END} are missing")
-    path.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}", "utf-8")
+        raise SystemExit(f"{path}: the markers {begin} and {end} are missing")
+    path.write_text(f"{head}{begin}\n{block}\n{end}{tail}", "utf-8")
 
 
 def main() -> int:
@@ -341,6 +403,19 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=100, help="timed runs per model for the latency median")
     parser.add_argument("--xslim-python", help="interpreter of an env with xslim 2.1.2, for its column")
     parser.add_argument("--doc", type=Path, help="write the tables into this Markdown file, between the markers")
+    parser.add_argument(
+        "--suite",
+        choices=("main", "calibration"),
+        default="main",
+        help="main: defaults and options; calibration: the five range methods vs ORT's",
+    )
+    parser.add_argument(
+        "--rss-samples",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also measure peak RSS at these calibration sample counts (e.g. 32 256)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -356,7 +431,7 @@ def main() -> int:
     except XSlimError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    variants = list(VARIANTS)
+    variants = list(VARIANTS if args.suite == "main" else CALIBRATION_VARIANTS)
     note = "xslim 2.1.2: not installed (give --xslim-python PATH of an env where `import xslim` works)."
     if xslim_212_available(args.xslim_python):
         variants.append(XSLIM_212)
@@ -370,7 +445,7 @@ def main() -> int:
     block = "\n".join(lines).rstrip() + "\n"
     print(block)
     if args.doc:
-        write_doc(args.doc, block)
+        write_doc(args.doc, block, args.suite)
     return 0
 
 
