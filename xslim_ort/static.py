@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .calibration.range_cache import fingerprint, load_ranges, save_ranges
 from .calibration.readers import data_fingerprint, list_file_path, providers_for, read_list, resolve_inputs
 from .config import Config
 from .errors import ConfigError, DataError
+from .model_io import needs_external_data
 from .pipeline import Job, prepare_model
 from .quantizer import TargetQuantizer, activations_to_calibrate, weight_rules
 from .regions import excluded_nodes, tensor_methods
@@ -102,14 +104,60 @@ def quantize_with_source(
         fixed, float_tensors = choose_float(job, model, ranges, source, excluded)
         excluded |= set(fixed)
         float_kept = {**fixed, **float_tensors}
+
+    def build(m: onnx.ModelProto, r: dict[str, tuple[float, float]]) -> onnx.ModelProto:
+        q = TargetQuantizer(m, job.target, r, nodes_to_exclude=excluded, bias=qp.bias_mode).quantize_model()
+        if float_tensors:
+            dequantize_tensors(q, m, float_tensors)
+        return q
+
+    qmodel = build(model, ranges)
     if qp.finetune_level >= 1:
-        model, ranges = tune(job, model, source, ranges, tensors, excluded, float_kept)
-    qmodel = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, bias=qp.bias_mode).quantize_model()
-    if float_tensors:
-        dequantize_tensors(qmodel, model, float_tensors)
-    if qp.analysis_enable:
+        tuned_model, tuned_ranges = tune(job, model, source, ranges, tensors, excluded, float_kept)
+        tuned = build(tuned_model, tuned_ranges)
+        if needs_external_data(model):  # too big to compare in memory: trust the block-wise checks
+            before = after = math.nan
+        else:
+            before, after = output_sqnr(model, [qmodel, tuned], source)
+        if not after < before:
+            log.info("finetune_level %d: output SQNR %.2f -> %.2f dB", qp.finetune_level, before, after)
+            qmodel = tuned
+        else:
+            log.warning(
+                "finetune_level %d lowered the output SQNR on the calibration data (%.2f -> %.2f dB); "
+                "keeping the untuned model",
+                qp.finetune_level,
+                before,
+                after,
+            )
+    if qp.analysis_enable:  # against the user's float model, not the tuned one
         write_analysis(job, model, qmodel, source, float_kept)
     return qmodel
+
+
+def output_sqnr(
+    float_model: onnx.ModelProto, models: list[onnx.ModelProto], source: BatchSource, max_batches: int = 16
+) -> list[float]:
+    """Output SQNR (dB, over all outputs) of each model against the float one on calibration batches."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from .qparams import sqnr_db
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sessions = [
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for m in (float_model, *models)
+    ]
+    outs: list[list[np.ndarray]] = [[] for _ in sessions]
+    for i, batch in enumerate(source()):
+        if i >= max_batches:
+            break
+        for k, s in enumerate(sessions):
+            outs[k].append(np.concatenate([o.ravel() for o in s.run(None, batch)]))
+    ref = np.concatenate(outs[0])
+    return [sqnr_db(ref, np.concatenate(o)) for o in outs[1:]]
 
 
 def tune(
