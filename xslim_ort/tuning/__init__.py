@@ -69,7 +69,6 @@ def finetune(
     work, added = _with_biases(model, weight_schemes)
     with single_blas_thread():
         tuner = Tuner(work, data, ranges, quantized_tensors, weight_schemes, progress)
-        tuner.equalize()
         tuner.tune(PLANS[level])
     return TuneResult(
         model=_drop_zero_biases(tuner.tuned_model(), added),

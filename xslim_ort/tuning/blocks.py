@@ -1,10 +1,13 @@
-"""Block-by-block passes: equalization statistics, bias correction, block reconstruction.
+"""Block-by-block passes: survey (equalization statistics, ranking), then bias
+correction, range search and GPTQ reconstruction.
 
 Every pass walks the blocks in topological order carrying two sets of activations: the
-float model's, and the fake-quantized model's *as tuned so far*. A block is scored and
-tuned on the quantized activations at its inputs, so it learns to undo upstream error
-instead of passing it on, and its output loss is measured against the float block run
-on float inputs. Each change is kept only if the block's output loss goes down.
+float model's, and the fake-quantized model's *as tuned so far*. A block is tuned on the
+quantized activations at its inputs, so it learns to undo upstream error instead of
+passing it on, and its output loss is measured against the float block run on float
+inputs. Changes are fitted on three quarters of the calibration batches and kept only
+if the block's output loss on the held-out quarter goes down: with 64 images, in-sample
+gains were measured to be up to 3 dB better than what the evaluation images saw.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .equalize import ChannelStats, apply_scales, chain_scales, find_chains
 from .graph import Block, GraphIndex, attr, partition
 from .rounding import InputStats, Layer, choose_rounding, grid_weight
 from .schemes import WeightScheme
-from .simulate import BlockSessions, scale_zp_feeds
+from .simulate import FLOAT_SUFFIX, BlockSessions, scale_zp_feeds
 
 logger = logging.getLogger("xslim_ort.tuning")
 
@@ -47,7 +50,7 @@ HOLD_OUT_EVERY = 4
 @dataclass(frozen=True)
 class Plan:
     """What one finetune level does. Block counts pick the blocks adding the most noise
-    on their own (``Tuner.rank``); None means every block."""
+    on their own (``Tuner.survey``); None means every block."""
 
     bias_correction: bool = True
     range_blocks: int | None = 0  # blocks whose activation ranges are re-searched
@@ -155,7 +158,8 @@ class Tuner:
         if block.index not in self._sessions:
             produced = {t for n in block.nodes for t in self.graph.nodes[n].output}
             inputs = [self.graph.nodes[n].input[0] for n in block.layers]
-            reduce = [self.layers[n].output for n in block.layers]
+            # layers with a bias are Conv/Gemm, whose output channels are on axis 1
+            reduce = [self.layers[n].output for n in block.layers if self.layers[n].bias]
             reduce += [t for c in self.chains for t in c.quantized if t in produced]
             self._sessions[block.index] = BlockSessions(
                 self.graph, block, self.quantized, self.block_params[block.index], inputs, reduce
@@ -199,11 +203,6 @@ class Tuner:
     def _float_mask(self, block: Block) -> list[bool]:
         return [self.graph.is_float(t) for t in block.outputs]
 
-    def _held_out_loss(self, block: Block, ref: Outputs, quant: Outputs) -> float:
-        """Block output loss on the held-out batches (``ref``, ``quant``: all batches)."""
-        return relative_error([ref[k] for k in self.held_out], [quant[k] for k in self.held_out],
-                              self._float_mask(block))
-
     def _record(self, block: Block, step: str, before: float, after: float, kept: bool, t0: float) -> None:
         rec = {
             "name": block.name, "index": block.index, "total": len(self.blocks), "step": step,
@@ -233,14 +232,23 @@ class Tuner:
             for t in [t for t in cf if self._last_use.get(t, -1) <= block.index]:
                 del cf[t], cq[t]
 
-    # --- level 1: equalization ---------------------------------------------------------------
-    def equalize(self) -> None:
-        """Cross-layer equalization of every exact chain (see ``equalize``)."""
-        if not self.chains:
-            return
+    # --- survey: equalization and ranking -------------------------------------------------------
+    def survey(self, rank: bool) -> dict[int, float]:
+        """One float sweep that equalizes every exact chain (see ``equalize``) and, if
+        ``rank``, returns the noise-to-signal ratio each block adds on its own (float
+        inputs, quantized block).
+
+        The noise is measured in linear power, not dB: noise powers add up along the
+        network, so a late block going from 17 to 12 dB hurts the output far more than an
+        early one going from 40 to 26 dB. It is measured before equalization, which only
+        touches Relu chains and leaves the ranking's purpose, finding the noisy blocks, intact.
+        """
+        if not self.chains and not rank:
+            return {}
         t0 = time.perf_counter()
         wanted = {t for c in self.chains for t in c.quantized}
         stats: dict[str, ChannelStats] = {}
+        local: dict[int, float] = {}
 
         def visit(block: Block, cf: Cache, cq: Cache) -> tuple[Outputs, Outputs]:
             produced = {t for n in block.nodes for t in self.graph.nodes[n].output}
@@ -256,6 +264,10 @@ class Tuner:
                     else:
                         stats[t] = ChannelStats(lo, hi, sq)
             ref = [batch[:n_out] for batch in out]
+            if rank:  # on the held-out batches: a ranking needs no more
+                local[block.index] = relative_error(
+                    [ref[k] for k in self.held_out], self._run(block, True, list(block.outputs), cf, self.held_out),
+                    self._float_mask(block))
             return ref, ref
 
         self._sweep(visit)
@@ -268,41 +280,22 @@ class Tuner:
             apply_scales(self.graph, chain, a, self.params)
             scaled += int(np.count_nonzero(a != 1.0))
             self._equalized.update(chain.quantized)
-        self._fq.clear()
-        for name in self.params:
-            self._version[name] = self._version.get(name, 0) + 1
-        self.float_params = dict(self.params)
-        self._float_version += 1
-        logger.info("equalized %d chains (%d channels scaled) in %.1f s", len(self.chains), scaled,
-                    time.perf_counter() - t0)
-
-    # --- ranking -------------------------------------------------------------------------------
-    def rank(self) -> dict[int, float]:
-        """Noise-to-signal ratio each block adds on its own (float inputs, quantized block).
-
-        Measured in linear power, not dB: noise powers add up along the network, so a late
-        block going from 17 to 12 dB hurts the output far more than an early one going
-        from 40 to 26 dB, although the latter loses more dB.
-        """
-        local: dict[int, float] = {}
-
-        def visit(block: Block, cf: Cache, cq: Cache) -> tuple[Outputs, Outputs]:
-            ref = self._run(block, False, list(block.outputs), cf)
-            alone = self._run(block, True, list(block.outputs), cf)
-            local[block.index] = relative_error(ref, alone, self._float_mask(block))
-            return ref, ref
-
-        self._sweep(visit)
+        if self.chains:
+            self._fq.clear()
+            for name in self.params:
+                self._version[name] = self._version.get(name, 0) + 1
+            self.float_params = dict(self.params)
+            self._float_version += 1
+        logger.info("equalized %d chains (%d channels scaled)%s in %.1f s", len(self.chains), scaled,
+                    ", ranked the blocks" if rank else "", time.perf_counter() - t0)
         return local
 
     # --- the main pass ---------------------------------------------------------------------------
     def tune(self, plan: Plan) -> None:
-        """Bias correction of every block, reconstruction of the selected ones."""
-        counts = [c for c in (plan.range_blocks, plan.rounded_blocks) if c]
-        order = [b.index for b in self.blocks]
-        if counts:
-            local = self.rank()
-            order = sorted(local, key=lambda i: -local[i])
+        """Equalization, then bias correction of every block and reconstruction of the
+        selected ones."""
+        local = self.survey(rank=any((plan.range_blocks, plan.rounded_blocks)))
+        order = sorted(local, key=lambda i: -local[i]) if local else [b.index for b in self.blocks]
         range_set = set(order if plan.range_blocks is None else order[: plan.range_blocks])
         round_set = set(order if plan.rounded_blocks is None else order[: plan.rounded_blocks])
 
@@ -314,20 +307,24 @@ class Tuner:
             outs, n_out = list(block.outputs), len(block.outputs)
             fout = self._run(block, False, [*outs, *(L.output + "__cmean" for L in layers)], cf)
             ref = [batch[:n_out] for batch in fout]
-            quant = self._run(block, True, outs, cq)
-            loss = self._held_out_loss(block, ref, quant)
+            loss = self._held_out_loss(block, ref, cq)
             if layers:
                 f_means = [np.concatenate([fout[k][n_out + j] for k in self.fit]) for j in range(len(layers))]
-                quant, loss = self._bias_correct(block, cq, ref, quant, loss, layers, f_means)
+                loss = self._bias_correct(block, cq, ref, loss, layers, f_means)
             if block.index in range_set | round_set:
-                quant, loss = self._reconstruct(block, cf, cq, ref, quant, loss, plan.iterations,
-                                                block.index in round_set, block.index in range_set)
-            return ref, quant
+                loss = self._reconstruct(block, cf, cq, ref, loss, plan.iterations, block.index in round_set,
+                                         block.index in range_set)
+            return ref, self._run(block, True, outs, cq)
 
         self._sweep(visit)
 
-    def _bias_correct(self, block: Block, cq: Cache, ref: Outputs, quant: Outputs, loss: float,
-                      layers: list[Layer], f_means: list[np.ndarray]) -> tuple[Outputs, float]:
+    def _held_out_loss(self, block: Block, ref: Outputs, cq: Cache) -> float:
+        """The quantized block's output loss on the held-out batches, as the block is now."""
+        quant = self._run(block, True, list(block.outputs), cq, self.held_out)
+        return relative_error([ref[k] for k in self.held_out], quant, self._float_mask(block))
+
+    def _bias_correct(self, block: Block, cq: Cache, ref: Outputs, loss: float, layers: list[Layer],
+                      f_means: list[np.ndarray]) -> float:
         """Empirical bias correction of the layers' per-channel output means (on the fitting
         batches), one layer at a time so each is measured after the ones above it."""
         t0 = time.perf_counter()
@@ -338,27 +335,27 @@ class Tuner:
             b = self.params[L.bias]
             shift = shrunk_mean(fm.astype(np.float64) - qm).reshape(L.groups, -1)
             self._set(L.bias, L.unbias(L.bias_rows(b.astype(np.float64)) + shift, b))
-        return self._keep_if_better(block, "bias_correction", ref, quant, loss, cq, saved, {}, t0)
+        return self._keep_if_better(block, "bias_correction", ref, loss, cq, saved, {}, t0)
 
-    def _keep_if_better(self, block: Block, step: str, ref: Outputs, quant: Outputs, loss: float, cq: Cache,
+    def _keep_if_better(self, block: Block, step: str, ref: Outputs, loss: float, cq: Cache,
                         saved_params: dict[str, np.ndarray], saved_ranges: dict[str, tuple[float, float]],
-                        t0: float, saved_frozen: set[str] | None = None) -> tuple[Outputs, float]:
-        """Keep the block's new parameters if its held-out loss went down, else restore them."""
-        new = self._run(block, True, list(block.outputs), cq)
-        new_loss = self._held_out_loss(block, ref, new)
+                        t0: float, saved_frozen: set[str] | None = None) -> float:
+        """Keep the block's new parameters if its held-out loss went down, else restore them;
+        returns the block's loss after."""
+        new_loss = self._held_out_loss(block, ref, cq)
         kept = new_loss < loss
         self._record(block, step, loss, new_loss, kept, t0)
         if kept:
-            return new, new_loss
+            return new_loss
         for name, v in saved_params.items():
             self._set(name, v)
         self.ranges.update(saved_ranges)
         if saved_frozen is not None:
             self.frozen = saved_frozen
-        return quant, loss
+        return loss
 
-    def _reconstruct(self, block: Block, cf: Cache, cq: Cache, ref: Outputs, quant: Outputs, loss: float,
-                     iterations: int, round_weights: bool, search_ranges: bool) -> tuple[Outputs, float]:
+    def _reconstruct(self, block: Block, cf: Cache, cq: Cache, ref: Outputs, loss: float, iterations: int,
+                     round_weights: bool, search_ranges: bool) -> float:
         """GPTQ rounding, then range search, of one block; kept only if the held-out loss drops.
 
         Rounding goes first: searching ranges for round-to-nearest weights and then letting
@@ -375,25 +372,55 @@ class Tuner:
             if search_ranges:
                 self._search_ranges(block, cq, ref)
         step = "reconstruction" if round_weights else "range_search"
-        return self._keep_if_better(block, step, ref, quant, loss, cq, saved_params, saved_ranges, t0, saved_frozen)
+        return self._keep_if_better(block, step, ref, loss, cq, saved_params, saved_ranges, t0, saved_frozen)
 
     def _search_ranges(self, block: Block, cq: Cache, ref: Outputs) -> None:
         """Coordinate search of each quantized tensor's range by the block's output error,
-        on at most ``RANGE_SEARCH_BATCHES`` evenly spaced fitting batches."""
+        on at most ``RANGE_SEARCH_BATCHES`` evenly spaced fitting batches.
+
+        A block output whose Q/DQ pair is the block's last op is searched in NumPy on its
+        value before Q/DQ (one ORT run for all candidates); the others rerun the block.
+        """
         mask = self._float_mask(block)
         outputs = list(block.outputs)
         subset = self.fit[:: max(1, len(self.fit) // RANGE_SEARCH_BATCHES)]
         sub_ref = [ref[k] for k in subset]
-        for t in self._session(block).quantized:
-            base = self.ranges[t]
-            floor, ceil = self._clip_bounds(t)
-            best, best_loss = base, relative_error(sub_ref, self._run(block, True, outputs, cq, subset), mask)
-            for f in RANGE_FACTORS:
-                self.ranges[t] = (max(base[0] * f, floor), min(base[1] * f, ceil))
+        read_inside = {t for n in block.nodes for t in self.graph.nodes[n].input}
+        quantized = self._session(block).quantized
+        inner = [t for t in quantized if t in read_inside]
+        best_loss = relative_error(sub_ref, self._run(block, True, outputs, cq, subset), mask) if inner else 0.0
+        for t in inner:
+            best = self.ranges[t]
+            for cand_range in self._range_candidates(t)[1:]:
+                self.ranges[t] = cand_range
                 cand = relative_error(sub_ref, self._run(block, True, outputs, cq, subset), mask)
                 if cand < best_loss:
                     best, best_loss = self.ranges[t], cand
             self.ranges[t] = best
+        last = [t for t in quantized if t not in read_inside and t in outputs]
+        if not last:
+            return
+        out = self._run(block, True, [*outputs, *(t + FLOAT_SUFFIX for t in last)], cq, subset)
+        for i, t in enumerate(last):  # the other outputs do not depend on t's range
+            ref_t = [r[outputs.index(t)].astype(np.float64) for r in sub_ref]
+            raw = [batch[len(outputs) + i] for batch in out]
+            candidates = self._range_candidates(t)
+            errors = [sum(float(np.sum(np.square(r - fake_quant_activation(x, *c))))
+                          for r, x in zip(ref_t, raw, strict=True)) for c in candidates]
+            self.ranges[t] = candidates[int(np.argmin(errors))]
+
+    def _range_candidates(self, tensor: str) -> list[tuple[float, float]]:
+        """The current range, then ``RANGE_FACTORS`` times it within the clip bounds, less
+        near-duplicates (a ReLU6 output calibrated at ~6 cannot widen: no need to rerun)."""
+        base = self.ranges[tensor]
+        floor, ceil = self._clip_bounds(tensor)
+        out = [base]
+        for f in RANGE_FACTORS:
+            cand = (max(base[0] * f, floor), min(base[1] * f, ceil))
+            width = cand[1] - cand[0]
+            if all(abs(cand[0] - c[0]) + abs(cand[1] - c[1]) > 0.02 * width for c in out):
+                out.append(cand)
+        return out
 
     def _clip_bounds(self, tensor: str) -> tuple[float, float]:
         """Bounds a Relu/Clip producer puts on ``tensor``: a range past them wastes codes, and

@@ -32,6 +32,8 @@ DAMP = 0.01
 #: target. Plain GPTQ on the float weights (no target shift) was measured to add little
 #: over round-to-nearest here: the gain comes from absorbing the input error.
 RIDGES = (0.01, 0.1, 1.0, 10.0)
+#: Columns GPTQ rounds before pushing their errors onto the rest in one matrix product.
+LAZY_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,6 @@ class Layer:
             return "tensor"
         out_axis = {"Conv": 0, "Gemm": 0 if self.trans_b else 1, "MatMul": 1}[self.op]
         return "row" if axis == out_axis and not self.scheme.power_of_two else None
-
-    def channel_axis(self) -> int:
-        """Axis of the output channels in the layer's output tensor."""
-        return 1 if self.op == "Conv" else -1
 
     # --- inputs --------------------------------------------------------------------
     def patches(self, x: np.ndarray, max_positions: int | None = None) -> np.ndarray:
@@ -290,12 +288,17 @@ def gptq(w: np.ndarray, b: np.ndarray | None, stats: InputStats, mode: str, powe
     u = np.linalg.cholesky(np.linalg.inv(hp)).transpose(0, 2, 1)  # H^-1 = U^T U, U upper
     codes_p = np.zeros((g, r, d))
     s = scale[..., 0]
-    for i in range(d):
-        col = wk[:, :, i]
-        q = np.where(pin_pos == i, pin_val, np.clip(np.rint(col / s), WEIGHT_QMIN, WEIGHT_QMAX))
-        err = (col - q * s) / u[:, i, i][:, None]
-        wk[:, :, i + 1 :] -= err[:, :, None] * u[:, None, i, i + 1 :]
-        codes_p[:, :, i] = q
+    for start in range(0, d, LAZY_BLOCK):  # GPTQ's lazy batches: the far columns get one matmul
+        end = min(start + LAZY_BLOCK, d)
+        errs = np.zeros((g, r, end - start))
+        for i in range(start, end):
+            col = wk[:, :, i]
+            q = np.where(pin_pos == i, pin_val, np.clip(np.rint(col / s), WEIGHT_QMIN, WEIGHT_QMAX))
+            err = (col - q * s) / u[:, i, i][:, None]
+            wk[:, :, i + 1 : end] -= err[:, :, None] * u[:, None, i, i + 1 : end]
+            errs[:, :, i - start] = err
+            codes_p[:, :, i] = q
+        wk[:, :, end:] -= errs @ u[:, start:end, end:]
     codes = np.take_along_axis(codes_p, inv_perm[:, None, :d], 2)
     return Rounded(codes.astype(np.int32), scale, wk[:, :, d] if has_bias else None, "gptq")
 
