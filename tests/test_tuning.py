@@ -439,3 +439,23 @@ def test_mobilenet_v2_levels(zoo):
         scores[level] = quantized_sqnr(model, result, ranges, tensors, schemes, evals)
     assert scores[1] > scores[0] + 1.0
     assert scores[2] > scores[1]
+
+
+def test_block_tails_reproduce_the_block(residual):
+    """Re-running only the nodes after a quantized tensor gives the block's own outputs."""
+    model, schemes, batches, ranges = residual
+    tuner = Tuner(model, batches[:4], ranges, RESIDUAL_Q, schemes)
+    cache = {"x": [b["x"] for b in tuner.batches]}
+    block = tuner.blocks[0]
+    sess = tuner._session(block)
+    assert set(sess.tails) == {"ra0", "cb0"}  # s0 ends the block: it needs no tail
+    params, key, feeds = tuner._session_args(block, True)
+    heads = [t + "__float" for t in sess.tails]
+    full = tuner._run(block, True, [*block.outputs, *heads, "ra0"], cache)
+    for k, batch in enumerate(full):
+        values = dict(zip([*block.outputs, *heads, "ra0"], batch, strict=True))
+        for t, tail in sess.tails.items():
+            feeds.update({"x": cache["x"][k], t + "__float": values[t + "__float"]})
+            feeds.update({u: values[u] for u in tail.upstream})
+            for name, value in zip(tail.outputs, sess.run_tail(t, params, key, feeds), strict=True):
+                np.testing.assert_array_equal(value, values[name])

@@ -187,18 +187,20 @@ class Tuner:
                 subset: Sequence[int] | None = None) -> Iterator[list[np.ndarray]]:
         """``_run`` one batch at a time, for outputs too large to hold for every batch."""
         sess = self._session(block)
-        names = self.block_params[block.index]
-        feeds: dict[str, np.ndarray] = {}
-        if quant:
-            params = {p: self._quant_value(p) for p in names}
-            key: tuple = tuple(self._version.get(p, 0) for p in names)
-            for t in sess.quantized:
-                feeds.update(scale_zp_feeds(t, self.ranges[t]))
-        else:
-            params, key = self.float_params, (self._float_version,)
+        params, key, feeds = self._session_args(block, quant)
         for k in range(len(self.batches)) if subset is None else subset:
             feeds.update({t: cache[t][k] for t in block.inputs})
             yield sess.run(quant, params, key, feeds, outputs)
+
+    def _session_args(self, block: Block, quant: bool) -> tuple[Mapping[str, np.ndarray], tuple, dict]:
+        """Parameter values, their version key, and the Q/DQ range feeds for a block run."""
+        names = self.block_params[block.index]
+        if not quant:
+            return self.float_params, (self._float_version,), {}
+        feeds: dict[str, np.ndarray] = {}
+        for t in self._session(block).quantized:
+            feeds.update(scale_zp_feeds(t, self.ranges[t]))
+        return {p: self._quant_value(p) for p in names}, tuple(self._version.get(p, 0) for p in names), feeds
 
     def _float_mask(self, block: Block) -> list[bool]:
         return [self.graph.is_float(t) for t in block.outputs]
@@ -314,6 +316,8 @@ class Tuner:
             if block.index in range_set | round_set:
                 loss = self._reconstruct(block, cf, cq, ref, loss, plan.iterations, block.index in round_set,
                                          block.index in range_set)
+            if block.index == len(self.blocks) - 1:  # no block reads the last one's outputs
+                return ref, ref
             return ref, self._run(block, True, outs, cq)
 
         self._sweep(visit)
@@ -365,10 +369,11 @@ class Tuner:
         saved_params = {p: self.params[p] for p in self.block_params[block.index]}
         saved_ranges = {t: self.ranges[t] for t in self._session(block).quantized}
         saved_frozen = set(self.frozen)
+        layers = [self.layers[n] for n in block.layers if self.layers[n].row_quantization()] if round_weights else []
+        float_patches = self._float_patches(block, layers, cf)
         for _ in range(iterations):
-            if round_weights:
-                for n in block.layers:
-                    self._round_layer(block, self.layers[n], cf, cq)
+            for layer, xf in zip(layers, float_patches, strict=True):
+                self._round_layer(block, layer, xf, cq)
             if search_ranges:
                 self._search_ranges(block, cq, ref)
         step = "reconstruction" if round_weights else "range_search"
@@ -376,37 +381,43 @@ class Tuner:
 
     def _search_ranges(self, block: Block, cq: Cache, ref: Outputs) -> None:
         """Coordinate search of each quantized tensor's range by the block's output error,
-        on at most ``RANGE_SEARCH_BATCHES`` evenly spaced fitting batches.
+        in topological order, on at most ``RANGE_SEARCH_BATCHES`` evenly spaced fitting
+        batches.
 
-        A block output whose Q/DQ pair is the block's last op is searched in NumPy on its
-        value before Q/DQ (one ORT run for all candidates); the others rerun the block.
+        A tensor read inside the block is scored by re-running only its tail (the nodes
+        downstream of it); a block output whose Q/DQ pair is the block's last op is scored
+        in NumPy on its value before Q/DQ.
         """
-        mask = self._float_mask(block)
         outputs = list(block.outputs)
         subset = self.fit[:: max(1, len(self.fit) // RANGE_SEARCH_BATCHES)]
-        sub_ref = [ref[k] for k in subset]
-        read_inside = {t for n in block.nodes for t in self.graph.nodes[n].input}
-        quantized = self._session(block).quantized
-        inner = [t for t in quantized if t in read_inside]
-        best_loss = relative_error(sub_ref, self._run(block, True, outputs, cq, subset), mask) if inner else 0.0
-        for t in inner:
-            best = self.ranges[t]
-            for cand_range in self._range_candidates(t)[1:]:
+        sess = self._session(block)
+        for t, tail in sess.tails.items():  # one full run for the tail's inputs, then only the tail
+            heads = self._run(block, True, [t + FLOAT_SUFFIX, *tail.upstream], cq, subset)
+            tail_ref = [[ref[k][outputs.index(o)] for o in tail.outputs] for k in subset]
+            tail_mask = [self.graph.is_float(o) for o in tail.outputs]
+            best, best_loss = self.ranges[t], math.inf
+            for cand_range in self._range_candidates(t):
                 self.ranges[t] = cand_range
-                cand = relative_error(sub_ref, self._run(block, True, outputs, cq, subset), mask)
+                params, key, feeds = self._session_args(block, True)
+                feeds.update(scale_zp_feeds(t, cand_range))
+                outs = []
+                for k, head in zip(subset, heads, strict=True):
+                    feeds.update({i: cq[i][k] for i in block.inputs})
+                    feeds.update(zip([t + FLOAT_SUFFIX, *tail.upstream], head, strict=True))
+                    outs.append(sess.run_tail(t, params, key, feeds))
+                cand = relative_error(tail_ref, outs, tail_mask)
                 if cand < best_loss:
-                    best, best_loss = self.ranges[t], cand
+                    best, best_loss = cand_range, cand
             self.ranges[t] = best
-        last = [t for t in quantized if t not in read_inside and t in outputs]
+        last = [t for t in sess.quantized if t not in sess.tails and t in outputs]
         if not last:
             return
-        out = self._run(block, True, [*outputs, *(t + FLOAT_SUFFIX for t in last)], cq, subset)
+        out = self._run(block, True, [t + FLOAT_SUFFIX for t in last], cq, subset)
         for i, t in enumerate(last):  # the other outputs do not depend on t's range
-            ref_t = [r[outputs.index(t)].astype(np.float64) for r in sub_ref]
-            raw = [batch[len(outputs) + i] for batch in out]
+            ref_t = [ref[k][outputs.index(t)].astype(np.float64) for k in subset]
             candidates = self._range_candidates(t)
-            errors = [sum(float(np.sum(np.square(r - fake_quant_activation(x, *c))))
-                          for r, x in zip(ref_t, raw, strict=True)) for c in candidates]
+            errors = [sum(float(np.sum(np.square(r - fake_quant_activation(batch[i], *c))))
+                          for r, batch in zip(ref_t, out, strict=True)) for c in candidates]
             self.ranges[t] = candidates[int(np.argmin(errors))]
 
     def _range_candidates(self, tensor: str) -> list[tuple[float, float]]:
@@ -435,23 +446,34 @@ class Tuner:
         hi = self.graph.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
 
-    def _round_layer(self, block: Block, layer: Layer, cf: Cache, cq: Cache) -> None:
+    def _positions(self, layer: Layer) -> int:
+        """Conv output positions sampled per batch for the layer's Hessian."""
+        cols = layer.rows(self.graph.inits[layer.weight]).shape[2]
+        return -(-HESSIAN_SAMPLES_PER_COLUMN * (cols + 1) // len(self.batches))
+
+    def _float_patches(self, block: Block, layers: list[Layer], cf: Cache) -> list[list[np.ndarray]]:
+        """Per layer, per batch, the (subsampled) patches of the float block's layer input:
+        they do not change while the block is tuned, so one float pass serves every round."""
+        inputs = [self.graph.nodes[L.node_id].input[0] for L in layers]
+        patches: list[list[np.ndarray]] = [[] for _ in layers]
+        if layers:
+            for batch in self._stream(block, False, inputs, cf):
+                for j, (L, x) in enumerate(zip(layers, batch, strict=True)):
+                    patches[j].append(L.patches(x, self._positions(L)))
+        return patches
+
+    def _round_layer(self, block: Block, layer: Layer, float_patches: list[np.ndarray], cq: Cache) -> None:
         """GPTQ-round one layer against its float output, on the quantized block's inputs."""
-        mode = layer.row_quantization()
-        if mode is None:
-            return
-        inp = self.graph.nodes[layer.node_id].input[0]
         w = self.float_params[layer.weight]
         rows = layer.rows(w.astype(np.float64))
-        per_batch = -(-HESSIAN_SAMPLES_PER_COLUMN * (rows.shape[2] + 1) // len(self.batches))
         fit, held_out = (InputStats(rows.shape[0], rows.shape[2]) for _ in range(2))
-        pairs = zip(self._stream(block, False, [inp], cf), self._stream(block, True, [inp], cq), strict=True)
         held = set(self.held_out) if self.held_out != self.fit else set()
-        for k, ((xf,), (xq,)) in enumerate(pairs):
-            (held_out if k in held else fit).add(layer.patches(xf, per_batch), layer.patches(xq, per_batch))
+        inp = self.graph.nodes[layer.node_id].input[0]
+        for k, (xq,) in enumerate(self._stream(block, True, [inp], cq)):
+            (held_out if k in held else fit).add(float_patches[k], layer.patches(xq, self._positions(layer)))
         b = self.float_params[layer.bias] if layer.bias else None
         r = choose_rounding(rows, layer.bias_rows(b.astype(np.float64)) if b is not None else None, fit, held_out,
-                            mode, layer.scheme.power_of_two)
+                            layer.row_quantization(), layer.scheme.power_of_two)
         if r.method == "gptq":
             self._set(layer.weight, grid_weight(r, layer, w.shape))
             self.frozen.add(layer.weight)

@@ -13,7 +13,8 @@ DequantizeLinear writes ``t``, so consumers and graph outputs are untouched.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -163,41 +164,71 @@ class BlockSessions:
         extra = [p for p in dict.fromkeys(probes) if p not in self.outputs]
         self._reduce = [t for t in dict.fromkeys(reduce) if _rank(graph, t) >= 2]
         stats = [t + suffix for t in self._reduce for suffix in REDUCTIONS]
-        self._templates = {
+        self.tails = {t: self._tail(t) for t in self.quantized if t in {i for n in block.nodes
+                                                                        for i in graph.nodes[n].input}}
+        upstream = [t for tail in self.tails.values() for t in tail.upstream if t not in self.outputs]
+        self._templates: dict[object, onnx.ModelProto] = {
             False: self._build([], [*self.outputs, *extra, *stats]),
-            True: self._build(self.quantized, [*self.outputs, *extra, *(t + FLOAT_SUFFIX for t in self.quantized),
-                                               *stats]),
+            True: self._build(self.quantized, list(dict.fromkeys(
+                [*self.outputs, *extra, *(t + FLOAT_SUFFIX for t in self.quantized), *upstream, *stats]))),
         }
-        self._sessions: dict[bool, tuple[object, ort.InferenceSession, list[str]]] = {}
+        for t, tail in self.tails.items():
+            self._templates[t] = self._build(
+                [q for q in self.quantized if q in tail.produced], tail.outputs, tail.nodes,
+                [*tail.upstream, *(i for i in block.inputs if i in tail.reads)], head=t)
+        self._sessions: dict[object, tuple[object, ort.InferenceSession, list[str]]] = {}
 
     def reduced(self, tensor: str) -> bool:
         """Whether ``tensor``'s per-channel statistics are session outputs."""
         return tensor in self._reduce
 
-    def _build(self, quantized: list[str], outputs: list[str]) -> onnx.ModelProto:
+    def _tail(self, tensor: str) -> Tail:
+        """The nodes of the block downstream of ``tensor``, and what they read from upstream."""
         graph = self._graph
-        node_ids = [*graph.constant_closure(self.block.nodes), *self.block.nodes]
+        produced: set[str] = set()
+        nodes = []
+        for n in self.block.nodes:
+            if any(i == tensor or i in produced for i in graph.nodes[n].input):
+                nodes.append(n)
+                produced.update(graph.nodes[n].output)
+        reads = {i for n in nodes for i in graph.nodes[n].input if i in graph.dynamic}
+        block_produced = {o for n in self.block.nodes for o in graph.nodes[n].output}
+        upstream = sorted(t for t in reads - produced - {tensor} if t in block_produced)
+        outputs = [o for o in self.block.outputs if o in produced or o == tensor]
+        return Tail(tuple(nodes), frozenset(produced), frozenset(reads), tuple(upstream), outputs)
+
+    def _build(self, quantized: list[str], outputs: list[str], node_subset: Sequence[int] | None = None,
+               input_names: Sequence[str] | None = None, head: str | None = None) -> onnx.ModelProto:
+        """The block (or the ``node_subset`` of it) as a model; ``head`` is a quantized tensor
+        fed before its Q/DQ pair (``head__float``), for a tail."""
+        graph = self._graph
+        body = list(self.block.nodes if node_subset is None else node_subset)
+        node_ids = [*graph.constant_closure(body), *body]
         qset = set(quantized)
-        nodes: list[onnx.NodeProto] = []
+        nodes: list[onnx.NodeProto] = qdq_nodes(head, head + "__scale", head + "__zp") if head else []
         for n in node_ids:
             nodes.append(_renamed(graph.nodes[n], qset))
             for t in graph.nodes[n].output:
                 if t in qset:
                     nodes.extend(qdq_nodes(t, t + "__scale", t + "__zp"))
         inits: list[onnx.TensorProto] = []
-        for t in self._reduce:
-            nodes.extend(self._reductions(t, t + FLOAT_SUFFIX if t in qset else t, inits))
+        if head is None:
+            for t in self._reduce:
+                nodes.extend(self._reductions(t, t + FLOAT_SUFFIX if t in qset else t, inits))
         used = {t for node in nodes for t in node.input if t}
         inits += [
             numpy_helper.from_array(graph.inits[t], t)
             for t in sorted(used)
             if t in graph.inits and t not in self.params
         ]
+        names = list(self.block.inputs if input_names is None else input_names)
         inputs = [
             graph.value_info[t] if t in graph.value_info else helper.make_tensor_value_info(t, graph.elem_type(t), None)
-            for t in self.block.inputs
+            for t in names
         ]
-        for t in quantized:
+        if head:
+            inputs.append(helper.make_tensor_value_info(head + FLOAT_SUFFIX, onnx.TensorProto.FLOAT, None))
+        for t in [*quantized, *([head] if head else [])]:
             inputs.append(helper.make_tensor_value_info(t + "__scale", onnx.TensorProto.FLOAT, []))
             inputs.append(helper.make_tensor_value_info(t + "__zp", onnx.TensorProto.INT8, []))
         outs = [helper.make_tensor_value_info(t, graph.elem_type(_base(t)), None) for t in outputs]
@@ -225,16 +256,39 @@ class BlockSessions:
     def run(self, quant: bool, params: Mapping[str, np.ndarray], key: object, feeds: Mapping[str, np.ndarray],
             outputs: list[str]) -> list[np.ndarray]:
         """Run one session; ``key`` identifies the values of ``params`` (rebuild when it changes)."""
-        cached = self._sessions.get(quant)
+        return self._session(quant, params, key, feeds, outputs)
+
+    def run_tail(self, tensor: str, params: Mapping[str, np.ndarray], key: object,
+                 feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The quantized nodes downstream of ``tensor`` (see ``Tail``); returns its outputs."""
+        return self._session(tensor, params, key, feeds, self.tails[tensor].outputs)
+
+    def _session(self, which: object, params: Mapping[str, np.ndarray], key: object,
+                 feeds: Mapping[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        cached = self._sessions.get(which)
         if cached is None or cached[0] != key:
             model = onnx.ModelProto()
-            model.CopyFrom(self._templates[quant])
-            model.graph.initializer.extend(numpy_helper.from_array(params[p], p) for p in self.params)
+            model.CopyFrom(self._templates[which])
+            used = {i for node in model.graph.node for i in node.input}
+            model.graph.initializer.extend(numpy_helper.from_array(params[p], p) for p in self.params if p in used)
             sess = make_session(model, optimize=True)
             cached = (key, sess, [i.name for i in sess.get_inputs()])
-            self._sessions[quant] = cached
+            self._sessions[which] = cached
         _, sess, names = cached
         return sess.run(outputs, {n: feeds[n] for n in names})
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The part of a block downstream of one of its quantized tensors: re-running only it
+    is enough to score a new range for that tensor. ``upstream`` are the block's own
+    tensors it reads besides the head (fed from a full run of the block)."""
+
+    nodes: tuple[int, ...]
+    produced: frozenset[str]
+    reads: frozenset[str]
+    upstream: tuple[str, ...]
+    outputs: list[str]
 
 
 def _base(name: str) -> str:
