@@ -1,10 +1,13 @@
 """Benchmark of the finetune levels on the zoo classifiers (issue 6 acceptance).
 
-For each model: simplify, calibrate on ``images/calib.txt``, then for every finetune level
-tune, quantize with the SpacemiT target and score the int8 model against the float one
-on ``images/eval.txt`` (output SQNR, top-1 agreement) and ``images/labelled.txt``
-(top-1 accuracy). ONNX Runtime's ``quantize_static`` (QDQ, per-channel, MinMax) is the
-baseline. Wall time is simplify + calibrate + tune + quantize, on one thread.
+For each model and finetune level 0-3, the real pipeline (``xslim_ort.quantize_onnx_model``,
+SpacemiT target, PT_IMAGENET preprocessing, calibrated on ``images/calib.txt``) writes an
+int8 model, which is scored against the float model on ``images/eval.txt`` (output SQNR,
+cosine, top-1 agreement) and ``images/labelled.txt`` (top-1 accuracy). ONNX Runtime's
+``quantize_static`` (QDQ, per-channel, MinMax) on the same calibration images is the
+baseline. Wall time is the whole pipeline call (simplify, calibrate, tune, quantize,
+write), each level in a fresh working directory so no calibration cache is reused; ORT
+sessions and BLAS use one thread in tuning. ``-v`` logs every tuned block.
 
     python scripts/bench_finetune.py [--models mobilenet_v2 efficientnet_lite0] [--levels 0 1 2 3]
 """
@@ -24,15 +27,10 @@ import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
-from xslim_ort.calibration.batches import source_from_batches
-from xslim_ort.calibration.collectors import collect_statistics
+from xslim_ort import quantize_onnx_model
 from xslim_ort.model_io import infer_shapes, simplify
 from xslim_ort.qparams import cosine, sqnr_db
-from xslim_ort.quantizer import TargetQuantizer, activations_to_calibrate, weight_inputs
-from xslim_ort.targets import Target, load_target
-from xslim_ort.tuning import WeightScheme, finetune
 
 PREPROCESS = {  # zoo/README.md, 0-255 pixel scale, RGB
     "mobilenet_v2": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
@@ -84,33 +82,6 @@ def predict(model: onnx.ModelProto | str, images: list[np.ndarray]) -> np.ndarra
     return np.concatenate([sess.run(None, {name: x})[0] for x in images])
 
 
-def weight_schemes(model: onnx.ModelProto, target: Target) -> dict[str, WeightScheme]:
-    """What the target quantizer will do with each weight (its ``weight_overrides`` rules)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    schemes: dict[str, WeightScheme] = {}
-    for node in model.graph.node:
-        rule = target.weight_rule(node.op_type)
-        if rule is None or node.op_type not in target.ops:
-            continue
-        for name in weight_inputs(node, rule, inits):
-            ndim = len(inits[name].dims)
-            axis = rule.axis if rule.axis is not None and ndim > rule.axis else None
-            schemes.setdefault(name, WeightScheme(axis, rule.power_of_two))
-    return schemes
-
-
-def calibrate(model: onnx.ModelProto, tensors: list[str], batches: list[dict]) -> dict[str, tuple[float, float]]:
-    """The pipeline's default range method where it exists, else min/max."""
-    try:
-        from xslim_ort.calibration.methods import compute_ranges, needs_histogram
-    except ImportError:
-        stats = collect_statistics(model, tensors, source_from_batches(batches), histograms=False)
-        return {t: (s.min, s.max) for t, s in stats.items()}
-    hist = needs_histogram("default")
-    stats = collect_statistics(model, tensors, source_from_batches(batches), histograms=hist)
-    return compute_ranges(stats, dict.fromkeys(stats, "default"))
-
-
 class Reader:
     """ORT CalibrationDataReader over in-memory batches."""
 
@@ -134,72 +105,52 @@ def ort_baseline(model: onnx.ModelProto, images: list[np.ndarray]) -> tuple[onnx
         return onnx.load(dst), time.perf_counter() - t0
 
 
-def frozen_mismatch(qmodel: onnx.ModelProto, tuned: onnx.ModelProto, frozen: set[str]) -> int:
-    """How many frozen weights the quantizer did not reproduce exactly (should be 0)."""
-    inits = {i.name: numpy_helper.to_array(i) for i in qmodel.graph.initializer}
-    tuned_w = {i.name: numpy_helper.to_array(i) for i in tuned.graph.initializer if i.name in frozen}
-    bad = 0
-    for node in qmodel.graph.node:
-        if node.op_type == "DequantizeLinear" and node.output[0].removesuffix("_DequantizeLinear_Output") in tuned_w:
-            name = node.output[0].removesuffix("_DequantizeLinear_Output")
-            q, s = inits[node.input[0]], inits[node.input[1]]
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            shape = [1] * q.ndim
-            if s.ndim == 1:
-                shape[axis] = -1
-            bad += not np.array_equal(q.astype(np.float32) * s.reshape(shape), tuned_w[name])
-    return bad
+def pipeline_config(zoo: Path, name: str, level: int, working_dir: Path) -> dict:
+    mean, std = PREPROCESS[name]
+    return {
+        "model_parameters": {"onnx_model": str(zoo / "models" / f"{name}.onnx"), "working_dir": str(working_dir)},
+        "calibration_parameters": {
+            "calibration_step": 64,
+            "calibration_device": "cpu",
+            "input_parametres": [{
+                "input_name": "input", "input_shape": [1, 3, 224, 224], "file_type": "img", "color_format": "rgb",
+                "mean_value": list(mean), "std_value": list(std), "preprocess_file": "PT_IMAGENET",
+                "data_list_path": str(zoo / "images" / "calib.txt"),
+            }],
+        },
+        "quantization_parameters": {"analysis_enable": False, "precision_level": 0, "finetune_level": level},
+    }
 
 
 def bench_model(zoo: Path, name: str, levels: list[int], with_ort: bool) -> list[dict]:
     calib, _ = load_list(zoo, "calib.txt", name)
     evals, _ = load_list(zoo, "eval.txt", name)
     labelled, labels = load_list(zoo, "labelled.txt", name)
-    t0 = time.perf_counter()
     model = infer_shapes(simplify(onnx.load(zoo / "models" / f"{name}.onnx")))
-    t_simplify = time.perf_counter() - t0
     ref_eval, ref_lab = predict(model, evals), predict(model, labelled)
-    input_name = model.graph.input[0].name
-    batches = [{input_name: x} for x in calib]
-    target = load_target("spacemit")
 
-    t0 = time.perf_counter()
-    tensors = activations_to_calibrate(model, target)
-    ranges = calibrate(model, tensors, batches)
-    t_calib = time.perf_counter() - t0
-    schemes = weight_schemes(model, target)
-
-    def score(method: str, qmodel: onnx.ModelProto, seconds: float, extra: str = "") -> dict:
+    def score(method: str, qmodel: onnx.ModelProto, seconds: float) -> dict:
         out_eval, out_lab = predict(qmodel, evals), predict(qmodel, labelled)
         row = {
             "model": name, "method": method, "sqnr": sqnr_db(ref_eval, out_eval), "cosine": cosine(ref_eval, out_eval),
             "agree": float(np.mean(out_eval.argmax(1) == ref_eval.argmax(1))) * 100,
             "top1": int(np.sum(out_lab.argmax(1) == np.array(labels))), "n_lab": len(labels), "seconds": seconds,
-            "extra": extra,
         }
         print(f"{name:20s} {method:14s} {row['sqnr']:6.2f} dB  cos {row['cosine']:.4f}  agree {row['agree']:5.1f}%  "
-              f"top1 {row['top1']}/{row['n_lab']}  {seconds:6.1f} s  {extra}", flush=True)
+              f"top1 {row['top1']}/{row['n_lab']}  {seconds:6.1f} s", flush=True)
         return row
 
     rows = []
     float_lab = int(np.sum(ref_lab.argmax(1) == np.array(labels)))
-    print(f"{name:20s} {'float':14s} top1 {float_lab}/{len(labels)}  simplify {t_simplify:.1f} s  "
-          f"calibrate {t_calib:.1f} s", flush=True)
+    print(f"{name:20s} {'float':14s} top1 {float_lab}/{len(labels)}", flush=True)
     if with_ort:
         qmodel, seconds = ort_baseline(model, calib)
-        rows.append(score("ort_minmax_pc", qmodel, seconds + t_simplify))
+        rows.append(score("ort_minmax_pc", qmodel, seconds))
     for level in levels:
-        t0 = time.perf_counter()
-        res = finetune(model, source_from_batches(batches), level, ranges=ranges, quantized_tensors=tensors,
-                       weight_schemes=schemes)
-        t_tune = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        qmodel = TargetQuantizer(res.model, target, {**ranges, **res.range_overrides}).quantize_model()
-        t_quant = time.perf_counter() - t0
-        kept = sum(r["kept"] for r in res.log)
-        extra = (f"tune {t_tune:.1f} s, {kept}/{len(res.log)} steps kept, {len(res.frozen_weights)} frozen "
-                 f"({frozen_mismatch(qmodel, res.model, res.frozen_weights)} not reproduced)")
-        rows.append(score(f"level {level}", qmodel, t_simplify + t_calib + t_tune + t_quant, extra))
+        with tempfile.TemporaryDirectory(prefix="bench_finetune.") as tmp:
+            t0 = time.perf_counter()
+            qmodel = quantize_onnx_model(pipeline_config(zoo, name, level, Path(tmp)))
+            rows.append(score(f"level {level}", qmodel, time.perf_counter() - t0))
     return rows
 
 

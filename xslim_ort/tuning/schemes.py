@@ -34,10 +34,12 @@ class TuneResult:
 
     ``model`` has the tuned float weights and biases (same topology and tensor names,
     except that a Conv/Gemm without bias may gain a float bias input named
-    ``<weight>_xslim_bias``). ``range_overrides`` replaces calibrated activation ranges.
-    ``frozen_weights`` are already on the int8 grid: the quantizer re-derives the same
-    scale from them. ``log`` holds one record per block step (name, loss_before,
-    loss_after, kept, step), losses being block-output noise-to-signal power ratios.
+    ``<weight>_xslim_bias``). ``range_overrides`` replaces calibrated activation ranges
+    (never wider than a Relu/Clip producer's bounds). ``frozen_weights`` are already on
+    the int8 grid: the quantizer re-derives exactly their scale. ``log`` holds one record
+    per block step: name, index, total, step ('bias_correction', 'range_search' or
+    'reconstruction'), loss_before, loss_after (block-output noise-to-signal power ratio
+    on the held-out calibration batches), kept, seconds.
     """
 
     model: onnx.ModelProto
