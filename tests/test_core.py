@@ -395,3 +395,11 @@ def test_examples_config_is_valid():
     root = Path(__file__).resolve().parent.parent / "examples"
     for cfg in root.glob("*/config.json"):
         load_config(cfg)
+
+
+def test_verbosity_flags_may_follow_the_command(tmp_path, capsys):
+    model_path, _ = tiny_setup(tmp_path)
+    out = tmp_path / "quiet.onnx"
+    assert main(["quantize", "-i", str(model_path), "-o", str(out), "--fp16", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert out.is_file()

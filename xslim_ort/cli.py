@@ -180,15 +180,14 @@ _COMMANDS_HELP = ("-h", "--help", "--version")
 
 
 def _with_default_command(argv: Sequence[str]) -> list[str]:
-    """xslim's flags without a command (``-c cfg.json -i m.onnx``) mean ``quantize``."""
-    args = list(argv)
+    """Normalise the command line: -v/-q may stand anywhere, and xslim's flags without a
+    command (``-c cfg.json -i m.onnx``) mean ``quantize``."""
     global_flags = {"-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"}
-    i = 0
-    while i < len(args) and args[i] in global_flags:
-        i += 1
-    if i < len(args) and args[i] not in cli.commands and args[i] not in _COMMANDS_HELP:
-        args.insert(i, "quantize")
-    return args
+    flags = [a for a in argv if a in global_flags]
+    args = [a for a in argv if a not in global_flags]
+    if args and args[0] not in cli.commands and args[0] not in _COMMANDS_HELP:
+        args.insert(0, "quantize")
+    return flags + args
 
 
 class _Terminated(KeyboardInterrupt):
