@@ -141,6 +141,23 @@ def test_partition_cuts_at_residual_boundaries():
     assert [len(b.layers) for b in blocks] == [2, 2, 1]
 
 
+def test_partition_splits_wide_graphs():
+    """A skip over the whole network keeps two tensors alive everywhere: blocks are still
+    cut to ``max_layers`` where every live tensor is quantized, with the skip as an input."""
+    rng = np.random.default_rng(0)
+    nodes, inits, t = [helper.make_node("Conv", ["x", "w0"], ["c0"])], {"w0": rng.normal(size=(4, 4, 1, 1))}, "c0"
+    for i in range(1, 7):
+        inits[f"w{i}"] = rng.normal(size=(4, 4, 1, 1))
+        nodes.append(helper.make_node("Conv", [t, f"w{i}"], [f"c{i}"]))
+        t = f"c{i}"
+    nodes.append(helper.make_node("Add", [t, "c0"], ["y"]))
+    model = build(nodes, inits, [1, 4, 3, 3])
+    schemes = dict.fromkeys(inits, CONV)
+    blocks = partition(GraphIndex(model), {f"c{i}" for i in range(7)} | {"x", "y"}, schemes, max_layers=2)
+    assert [len(b.layers) for b in blocks] == [1, 2, 2, 2]
+    assert all("c0" in b.inputs for b in blocks[1:])
+
+
 # --- equalization ------------------------------------------------------------------------------
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_equalization_is_exact_and_evens_out_channels(depthwise):

@@ -161,11 +161,13 @@ def partition(
             if t in graph.dynamic:
                 first_def[t] = k
 
-    # Only float tensors count: an integer shape tensor alive across the whole graph (a
-    # Shape -> Gather feeding the final Reshape) must not hide the narrow points.
+    # Side inputs alive across most of the graph are carried along but do not count, nor do
+    # integer tensors: a Shape -> Gather feeding the final Reshape, or a transformer's
+    # attention mask read by every layer, must not hide the narrow points between layers.
+    side = {t for t, d in first_def.items() if last_use.get(t, -2) - d > len(order) // 2 or not graph.is_float(t)}
     live_at: list[list[str]] = []
     for k in range(len(order) - 1):
-        live_at.append([t for t, d in first_def.items() if d <= k < last_use.get(t, -2) and graph.is_float(t)])
+        live_at.append([t for t, d in first_def.items() if d <= k < last_use.get(t, -2) and t not in side])
     cuts: list[int] = []
     if live_at:
         narrowest = min(len(live) for live in live_at)
@@ -178,9 +180,24 @@ def partition(
         cuts = preferred or candidates
 
     layer_ids = {n for n in order if graph.layer_weight(n, schemes) is not None}
-    pieces: list[list[int]] = []
+    # Pieces longer than max_layers (a U-Net's long skips keep the graph wide) are split
+    # further wherever every live tensor carries a Q/DQ pair: a block may then have
+    # several inputs, but tuning stays linear in the model size.
+    quantized_points = {k for k, live in enumerate(live_at) if all(t in quantized_tensors for t in live)}
+    split: list[int] = []
     start = 0
     for k in [*cuts, len(order) - 1]:
+        count = 0
+        for j in range(start, k + 1):
+            count += order[j] in layer_ids
+            if count >= max_layers and j < k and j in quantized_points:
+                split.append(j)
+                count = 0
+        split.append(k)
+        start = k + 1
+    pieces: list[list[int]] = []
+    start = 0
+    for k in split:
         if k >= start:
             pieces.append(order[start : k + 1])
             start = k + 1
