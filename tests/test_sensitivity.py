@@ -39,9 +39,7 @@ def _quantize(tmp_path, level):
 
 def _float_weights(q):
     producers = {o: n for n in q.graph.node for o in n.output}
-    return sorted(
-        n.name for n in q.graph.node if n.op_type in ("Conv", "Gemm") and producers.get(n.input[1]) is None
-    )
+    return sorted(n.name for n in q.graph.node if n.op_type in ("Conv", "Gemm") and producers.get(n.input[1]) is None)
 
 
 def test_level1_keeps_the_harmful_gemm_float(tmp_path):
@@ -85,7 +83,8 @@ def test_dequantizing_everything_gives_back_the_float_model(tmp_path):
     _, cfg_path = tiny_setup(tmp_path)
     job = plan_job(json.loads(cfg_path.read_text()))
     model = prepare_model(job)
-    ranges = {t: (-4.0, 4.0) for t in ("input", "r1", "r2", "c3", "a3", "gap", "logits")}
+    ranges = {t: (-4.0, 4.0) for t in ("input", "c3", "a3", "gap", "logits")}
+    ranges |= {"r1": (0.0, 4.0), "r2": (0.0, 4.0)}  # Relu and Clip(0, 6) outputs: both fusable
     q = TargetQuantizer(model, job.target, ranges).quantize_model()
     assert not [n for n in q.graph.node if n.op_type in ("Relu", "Clip")]
     tensors = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}

@@ -874,3 +874,15 @@ def test_zoo_ort_cpu_mobilenet_v2_runs_int8_kernels_only(zoo, tmp_path):
         "Add": 0,
         "Gemm": 0,
     }
+
+
+def test_clip_is_kept_where_the_range_runs_past_its_bounds():
+    """Clip(0, 6) may only be dropped where the int8 range itself stops inside [0, 6]."""
+    from xslim_ort.quantizer import TargetQuantizer
+
+    model = onnx.shape_inference.infer_shapes(tiny_cnn())
+    base = {t: (-4.0, 4.0) for t in ("input", "c3", "a3", "gap", "logits")} | {"r1": (0.0, 4.0)}
+    inside = TargetQuantizer(model, load_target("spacemit"), base | {"r2": (0.0, 5.5)}).quantize_model()
+    past = TargetQuantizer(model, load_target("spacemit"), base | {"r2": (0.0, 7.5)}).quantize_model()
+    assert [n.op_type for n in inside.graph.node if n.op_type == "Clip"] == []
+    assert [n.name for n in past.graph.node if n.op_type == "Clip"] == ["clip2"]

@@ -67,7 +67,16 @@ def range_clamps_like(quantizer: TargetQuantizer, node: onnx.NodeProto) -> bool:
             if value is None:
                 return False
             bounds[i] = float(value)
-    return bounds[0] <= 0.0 <= bounds[1]
+    if not bounds[0] <= 0.0 <= bounds[1]:
+        return False
+    # The int8 range clamps at its own ends: only where those lie inside the Clip's bounds
+    # does it clamp as the Clip would.
+    ranges = quantizer.tensors_range
+    if ranges is None or node.output[0] not in ranges:
+        return True
+    td = ranges[node.output[0]]
+    lo, hi = (float(v) for v in td.range_value)
+    return bounds[0] <= min(lo, 0.0) and max(hi, 0.0) <= bounds[1]
 
 
 HANDLERS: dict[str, type[QDQOperatorBase]] = {
