@@ -151,7 +151,8 @@ _JSON_TYPES = {
 }
 
 
-def _type_ok(value: Any, type_name: str) -> bool:
+def json_type_ok(value: Any, type_name: str) -> bool:
+    """Whether ``value`` (parsed JSON) is of the JSON Schema type ``type_name``."""
     if type_name == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
     if type_name == "number":
@@ -159,7 +160,8 @@ def _type_ok(value: Any, type_name: str) -> bool:
     return isinstance(value, _JSON_TYPES[type_name])
 
 
-def _describe(value: Any) -> str:
+def describe_json(value: Any) -> str:
+    """'an integer', 'a string', ... for error messages about parsed JSON."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -188,11 +190,11 @@ def _validate(value: Any, node: dict[str, Any], path: str) -> None:
     types = node.get("type")
     if types is not None:
         types = [types] if isinstance(types, str) else types
-        if not any(_type_ok(value, t) for t in types):
+        if not any(json_type_ok(value, t) for t in types):
             allowed = " or ".join(t for t in types if t != "null")
             if "null" in types:
                 allowed += " (or null)"
-            raise ConfigError(f"{path}: expected {allowed}, got {_describe(value)} {json.dumps(value)[:60]}")
+            raise ConfigError(f"{path}: expected {allowed}, got {describe_json(value)} {json.dumps(value)[:60]}")
     if "enum" in node and value not in node["enum"]:
         allowed = ", ".join(json.dumps(v) for v in node["enum"] if v is not None)
         raise ConfigError(f"{path}: {json.dumps(value)[:60]} is not allowed; use one of {allowed}")
@@ -265,7 +267,7 @@ def load_config(source: str | os.PathLike | dict[str, Any] | Config) -> Config:
     else:
         raise ConfigError(f"config must be a JSON file path or a dict, got {type(source).__name__}")
     if not isinstance(data, dict):
-        raise ConfigError(f"{name}: the config must be a JSON object, got {_describe(data)}")
+        raise ConfigError(f"{name}: the config must be a JSON object, got {describe_json(data)}")
     try:
         return _from_dict(data, base_dir, name)
     except ConfigError as exc:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration.preprocess import PRESETS
-from ..config import INPUT_LIST_KEYS, Config, load_config
+from ..config import INPUT_LIST_KEYS, Config, describe_json, json_type_ok, load_config
 from ..errors import ConfigError
 
 METRICS = ("top1_agreement", "labelled_top1", "sqnr_db", "cosine")
@@ -101,29 +101,6 @@ class Manifest:
 # --------------------------------------------------------------------------- validation
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
-
-
-def _type_ok(value: Any, name: str) -> bool:
-    if name == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "number":
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-    return isinstance(value, kinds[name])
-
-
 def _deref(node: dict[str, Any]) -> dict[str, Any]:
     while "$ref" in node:
         target = manifest_schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
@@ -138,9 +115,9 @@ def validate(value: Any, node: dict[str, Any], path: str = "") -> None:
     types = node.get("type")
     if types is not None:
         types = [types] if isinstance(types, str) else types
-        if not any(_type_ok(value, t) for t in types):
+        if not any(json_type_ok(value, t) for t in types):
             shown = json.dumps(value)[:60]
-            raise ConfigError(f"{where}: expected {' or '.join(types)}, got {_describe(value)} {shown}")
+            raise ConfigError(f"{where}: expected {' or '.join(types)}, got {describe_json(value)} {shown}")
     if "enum" in node and value not in node["enum"]:
         allowed = ", ".join(json.dumps(v) for v in node["enum"])
         raise ConfigError(f"{where}: {json.dumps(value)[:60]} is not allowed; use one of {allowed}")
@@ -225,7 +202,7 @@ def _config_source(value: dict | str, manifest_dir: Path, zoo_root: Path, where:
         path = _path(value, manifest_dir, where)
         data = read_json(path, f"{where}: config file")
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the config must be a JSON object, got {_describe(data)}")
+            raise ConfigError(f"{path}: the config must be a JSON object, got {describe_json(data)}")
         base = path.parent
     else:
         data, base = copy.deepcopy(value), zoo_root
