@@ -76,14 +76,7 @@ def analyze(
     ``num_threads``: ONNX Runtime intra-op threads (None: its default).
     """
     max_percentile = normalize_percentile(max_percentile)
-    run = _Run(
-        load_model(float_model),
-        load_model(quant_model),
-        batches,
-        max_samples=max_samples,
-        providers=list(providers or ["CPUExecutionProvider"]),
-        num_threads=num_threads,
-    )
+    run = _open_run(float_model, quant_model, batches, max_samples, providers, num_threads)
     layers, outputs = run.measure(chunk_bytes, isolated_samples=isolated_samples)
     fixes = run.suggest(layers, suggestions, max_percentile)
     return AnalysisReport(
@@ -96,6 +89,25 @@ def analyze(
         suggestions=tuple(fixes),
         float_kept=dict(float_kept or {}),
         max_percentile=max_percentile,
+    )
+
+
+def _open_run(
+    float_model: onnx.ModelProto | str | os.PathLike,
+    quant_model: onnx.ModelProto | str | os.PathLike,
+    batches: BatchSource,
+    max_samples: int,
+    providers: Sequence[str] | None,
+    num_threads: int | None,
+) -> _Run:
+    """Both models loaded and a run over the first ``max_samples`` samples set up."""
+    return _Run(
+        load_model(float_model),
+        load_model(quant_model),
+        batches,
+        max_samples=max_samples,
+        providers=list(providers or ["CPUExecutionProvider"]),
+        num_threads=num_threads,
     )
 
 
@@ -112,14 +124,7 @@ def measure_fixes(
 ) -> list[Suggestion]:
     """Measured fixes (keep float, percentile) for the named tensors, without the full analysis."""
     max_percentile = normalize_percentile(max_percentile)
-    run = _Run(
-        load_model(float_model),
-        load_model(quant_model),
-        batches,
-        max_samples=max_samples,
-        providers=list(providers or ["CPUExecutionProvider"]),
-        num_threads=num_threads,
-    )
+    run = _open_run(float_model, quant_model, batches, max_samples, providers, num_threads)
     by_name = {p.name: p for p in run.graph.points}
     missing = [t for t in tensors if t not in by_name]
     if missing:
