@@ -156,13 +156,8 @@ class Tuner:
 
     def _session(self, block: Block) -> BlockSessions:
         if block.index not in self._sessions:
-            produced = {t for n in block.nodes for t in self.graph.nodes[n].output}
-            inputs = [self.graph.nodes[n].input[0] for n in block.layers]
-            # layers with a bias are Conv/Gemm, whose output channels are on axis 1
-            reduce = [self.layers[n].output for n in block.layers if self.layers[n].bias]
-            reduce += [t for c in self.chains for t in c.quantized if t in produced]
             self._sessions[block.index] = BlockSessions(
-                self.graph, block, self.quantized, self.block_params[block.index], inputs, reduce
+                self.graph, block, self.quantized, self.block_params[block.index]
             )
         return self._sessions[block.index]
 
@@ -185,12 +180,15 @@ class Tuner:
 
     def _stream(self, block: Block, quant: bool, outputs: list[str], cache: Cache,
                 subset: Sequence[int] | None = None) -> Iterator[list[np.ndarray]]:
-        """``_run`` one batch at a time, for outputs too large to hold for every batch."""
+        """``_run`` one batch at a time, for outputs too large to hold for every batch. Block
+        inputs asked for come from ``cache``, with no run."""
         sess = self._session(block)
         params, key, feeds = self._session_args(block, quant)
+        computed = [t for t in outputs if t not in block.inputs]
         for k in range(len(self.batches)) if subset is None else subset:
             feeds.update({t: cache[t][k] for t in block.inputs})
-            yield sess.run(quant, params, key, feeds, outputs)
+            values = dict(zip(computed, sess.run(quant, params, key, feeds, computed), strict=True)) if computed else {}
+            yield [values[t] if t in values else cache[t][k] for t in outputs]
 
     def _session_args(self, block: Block, quant: bool) -> tuple[Mapping[str, np.ndarray], tuple, dict]:
         """Parameter values, their version key, and the Q/DQ range feeds for a block run."""
@@ -228,6 +226,7 @@ class Tuner:
             cq[t] = [fake_quant_activation(x, *self.ranges[t]) if t in self.quantized else x for x in cf[t]]
         for block in self.blocks:
             ref, quant = visit(block, cf, cq)
+            self._sessions.pop(block.index, None)  # its parameters are final for this sweep
             for j, t in enumerate(block.outputs):
                 cf[t] = [r[j] for r in ref]
                 cq[t] = [q[j] for q in quant]
