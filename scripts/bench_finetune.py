@@ -99,9 +99,16 @@ def ort_baseline(model: onnx.ModelProto, images: list[np.ndarray]) -> tuple[onnx
         src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         onnx.save(model, src)
         t0 = time.perf_counter()
-        quantize_static(str(src), str(dst), Reader(model.graph.input[0].name, images),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(src),
+            str(dst),
+            Reader(model.graph.input[0].name, images),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
         return onnx.load(dst), time.perf_counter() - t0
 
 
@@ -112,11 +119,18 @@ def pipeline_config(zoo: Path, name: str, level: int, working_dir: Path) -> dict
         "calibration_parameters": {
             "calibration_step": 64,
             "calibration_device": "cpu",
-            "input_parametres": [{
-                "input_name": "input", "input_shape": [1, 3, 224, 224], "file_type": "img", "color_format": "rgb",
-                "mean_value": list(mean), "std_value": list(std), "preprocess_file": "PT_IMAGENET",
-                "data_list_path": str(zoo / "images" / "calib.txt"),
-            }],
+            "input_parametres": [
+                {
+                    "input_name": "input",
+                    "input_shape": [1, 3, 224, 224],
+                    "file_type": "img",
+                    "color_format": "rgb",
+                    "mean_value": list(mean),
+                    "std_value": list(std),
+                    "preprocess_file": "PT_IMAGENET",
+                    "data_list_path": str(zoo / "images" / "calib.txt"),
+                }
+            ],
         },
         "quantization_parameters": {"analysis_enable": False, "precision_level": 0, "finetune_level": level},
     }
@@ -132,12 +146,20 @@ def bench_model(zoo: Path, name: str, levels: list[int], with_ort: bool) -> list
     def score(method: str, qmodel: onnx.ModelProto, seconds: float) -> dict:
         out_eval, out_lab = predict(qmodel, evals), predict(qmodel, labelled)
         row = {
-            "model": name, "method": method, "sqnr": sqnr_db(ref_eval, out_eval), "cosine": cosine(ref_eval, out_eval),
+            "model": name,
+            "method": method,
+            "sqnr": sqnr_db(ref_eval, out_eval),
+            "cosine": cosine(ref_eval, out_eval),
             "agree": float(np.mean(out_eval.argmax(1) == ref_eval.argmax(1))) * 100,
-            "top1": int(np.sum(out_lab.argmax(1) == np.array(labels))), "n_lab": len(labels), "seconds": seconds,
+            "top1": int(np.sum(out_lab.argmax(1) == np.array(labels))),
+            "n_lab": len(labels),
+            "seconds": seconds,
         }
-        print(f"{name:20s} {method:14s} {row['sqnr']:6.2f} dB  cos {row['cosine']:.4f}  agree {row['agree']:5.1f}%  "
-              f"top1 {row['top1']}/{row['n_lab']}  {seconds:6.1f} s", flush=True)
+        print(
+            f"{name:20s} {method:14s} {row['sqnr']:6.2f} dB  cos {row['cosine']:.4f}  agree {row['agree']:5.1f}%  "
+            f"top1 {row['top1']}/{row['n_lab']}  {seconds:6.1f} s",
+            flush=True,
+        )
         return row
 
     rows = []
@@ -168,8 +190,10 @@ def main() -> None:
     print("\n| model | method | SQNR dB | cosine | top-1 agreement % | labelled top-1 | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r['method']} | {r['sqnr']:.2f} | {r['cosine']:.4f} | {r['agree']:.1f} | "
-              f"{r['top1']}/{r['n_lab']} | {r['seconds']:.1f} |")
+        print(
+            f"| {r['model']} | {r['method']} | {r['sqnr']:.2f} | {r['cosine']:.4f} | {r['agree']:.1f} | "
+            f"{r['top1']}/{r['n_lab']} | {r['seconds']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

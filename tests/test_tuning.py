@@ -183,8 +183,9 @@ def test_equalization_is_exact_and_evens_out_channels(depthwise):
     assert a.max() <= ranges["a1"][1] * (1 + 1e-6)
     # noise from the equalized activation and the weights (the output's own rounding left out)
     ref = run(model, held_out)[0]
-    before, after = (sqnr_db(ref, run(fake_quant_model(m, ranges, ["x", "a1"], schemes), held_out)[0])
-                     for m in (model, result.model))
+    before, after = (
+        sqnr_db(ref, run(fake_quant_model(m, ranges, ["x", "a1"], schemes), held_out)[0]) for m in (model, result.model)
+    )
     assert after > before + 0.5
 
 
@@ -301,8 +302,9 @@ def residual():
 
 def test_level_0_is_a_no_op(residual):
     model, schemes, batches, ranges = residual
-    result = finetune(model, source_from_batches(batches), 0, ranges=ranges, quantized_tensors=RESIDUAL_Q,
-                      weight_schemes=schemes)
+    result = finetune(
+        model, source_from_batches(batches), 0, ranges=ranges, quantized_tensors=RESIDUAL_Q, weight_schemes=schemes
+    )
     assert result.model is model and not result.range_overrides and not result.frozen_weights and not result.log
 
 
@@ -313,16 +315,23 @@ def test_levels_improve_the_quantized_output_and_keep_the_format(residual, caplo
     sqnr, results = {}, {}
     for level in (0, 1, 2, 3):
         with caplog.at_level(logging.INFO, logger="xslim_ort.tuning"):
-            results[level] = finetune(model, source_from_batches(batches), level, ranges=ranges,
-                                      quantized_tensors=RESIDUAL_Q, weight_schemes=schemes,
-                                      progress=records.append if level == 3 else None)
+            results[level] = finetune(
+                model,
+                source_from_batches(batches),
+                level,
+                ranges=ranges,
+                quantized_tensors=RESIDUAL_Q,
+                weight_schemes=schemes,
+                progress=records.append if level == 3 else None,
+            )
         sqnr[level] = quantized_sqnr(model, results[level], ranges, RESIDUAL_Q, schemes, held_out)
     # mostly the range search: min/max ranges are far too wide. Random weights leave GPTQ
     # little to gain here (see test_reconstruction_beats_round_to_nearest for that).
     assert min(sqnr[1], sqnr[2], sqnr[3]) > sqnr[0] + 2.0
     tuned = results[3]
     assert [(n.op_type, list(n.output)) for n in tuned.model.graph.node] == [
-        (n.op_type, list(n.output)) for n in model.graph.node]
+        (n.op_type, list(n.output)) for n in model.graph.node
+    ]
     assert set(tuned.range_overrides) <= set(RESIDUAL_Q)
     assert tuned.frozen_weights <= set(schemes)
     inits = {i.name: numpy_helper.to_array(i) for i in tuned.model.graph.initializer}
@@ -338,18 +347,26 @@ def test_reconstruction_beats_round_to_nearest():
     """A coarse grid on correlated inputs: least-squares weights on the quantized inputs undo
     part of their rounding, which round-to-nearest (level 1) cannot."""
     rng = np.random.default_rng(0)
-    inits = {"w1": rng.normal(size=(8, 8, 1, 1)) * 0.5, "b1": rng.normal(size=8) * 0.1,
-             "w2": rng.normal(size=(4, 8, 3, 3)) * 0.2, "b2": np.zeros(4)}
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])]
+    inits = {
+        "w1": rng.normal(size=(8, 8, 1, 1)) * 0.5,
+        "b1": rng.normal(size=8) * 0.1,
+        "w2": rng.normal(size=(4, 8, 3, 3)) * 0.2,
+        "b2": np.zeros(4),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
     model = build(nodes, inits, [1, 8, 6, 6])
     schemes = {"w1": CONV, "w2": CONV}
     mix = rng.normal(size=(8, 2))
 
     def data(n: int, seed: int) -> list[dict]:
         r = np.random.default_rng(seed)
-        return [{"x": np.einsum("cz,nzhw->nchw", mix, r.normal(size=(2, 2, 6, 6))).astype(np.float32)}
-                for _ in range(n)]
+        return [
+            {"x": np.einsum("cz,nzhw->nchw", mix, r.normal(size=(2, 2, 6, 6))).astype(np.float32)} for _ in range(n)
+        ]
 
     batches, held_out = data(32, 1), data(16, 2)
     tensors = ["x", "r1"]
@@ -357,8 +374,9 @@ def test_reconstruction_beats_round_to_nearest():
     ranges["x"] = (ranges["x"][0] * 4, ranges["x"][1] * 4)
     sqnr = {}
     for level in (1, 2):
-        result = finetune(model, source_from_batches(batches), level, ranges=ranges, quantized_tensors=tensors,
-                          weight_schemes=schemes)
+        result = finetune(
+            model, source_from_batches(batches), level, ranges=ranges, quantized_tensors=tensors, weight_schemes=schemes
+        )
         sqnr[level] = quantized_sqnr(model, result, ranges, tensors, schemes, held_out)
     assert result.frozen_weights == {"w1", "w2"}
     assert sqnr[2] > sqnr[1] + 1.5
@@ -369,8 +387,9 @@ def test_range_search_respects_clip_bounds():
     batches = images(16, (1, 3, 8, 8), seed=1)
     tensors = ["x", "a1", "y"]
     ranges = minmax(model, tensors, batches)
-    result = finetune(model, source_from_batches(batches), 1, ranges=ranges, quantized_tensors=tensors,
-                      weight_schemes=schemes)
+    result = finetune(
+        model, source_from_batches(batches), 1, ranges=ranges, quantized_tensors=tensors, weight_schemes=schemes
+    )
     lo, hi = {**ranges, **result.range_overrides}["a1"]
     assert lo >= 0.0 and hi <= 1.5
 

@@ -172,14 +172,16 @@ class Tuner:
             self._fq[name] = self.schemes[name].fake_quant(v) if name in self.schemes else v
         return self._fq[name]
 
-    def _run(self, block: Block, quant: bool, outputs: list[str], cache: Cache,
-             subset: Sequence[int] | None = None) -> Outputs:
+    def _run(
+        self, block: Block, quant: bool, outputs: list[str], cache: Cache, subset: Sequence[int] | None = None
+    ) -> Outputs:
         """Run the float or fake-quant block over all batches (or the ``subset``), reading its
         inputs from ``cache``."""
         return list(self._stream(block, quant, outputs, cache, subset))
 
-    def _stream(self, block: Block, quant: bool, outputs: list[str], cache: Cache,
-                subset: Sequence[int] | None = None) -> Iterator[list[np.ndarray]]:
+    def _stream(
+        self, block: Block, quant: bool, outputs: list[str], cache: Cache, subset: Sequence[int] | None = None
+    ) -> Iterator[list[np.ndarray]]:
         """``_run`` one batch at a time, for outputs too large to hold for every batch. Block
         inputs asked for come from ``cache``, with no run."""
         sess = self._session(block)
@@ -205,13 +207,26 @@ class Tuner:
 
     def _record(self, block: Block, step: str, before: float, after: float, kept: bool, t0: float) -> None:
         rec = {
-            "name": block.name, "index": block.index, "total": len(self.blocks), "step": step,
-            "loss_before": before, "loss_after": after, "kept": kept, "seconds": time.perf_counter() - t0,
+            "name": block.name,
+            "index": block.index,
+            "total": len(self.blocks),
+            "step": step,
+            "loss_before": before,
+            "loss_after": after,
+            "kept": kept,
+            "seconds": time.perf_counter() - t0,
         }
         self.log.append(rec)
         logger.info(
-            "block %d/%d %s: %s %.2f dB -> %.2f dB%s (%.1f s)", block.index + 1, len(self.blocks), block.name,
-            step, _db(before), _db(after), "" if kept else " (rolled back)", rec["seconds"],
+            "block %d/%d %s: %s %.2f dB -> %.2f dB%s (%.1f s)",
+            block.index + 1,
+            len(self.blocks),
+            block.name,
+            step,
+            _db(before),
+            _db(after),
+            "" if kept else " (rolled back)",
+            rec["seconds"],
         )
         if self.progress is not None:
             self.progress(rec)
@@ -267,8 +282,10 @@ class Tuner:
             ref = [batch[:n_out] for batch in out]
             if rank:  # on the held-out batches: a ranking needs no more
                 local[block.index] = relative_error(
-                    [ref[k] for k in self.held_out], self._run(block, True, list(block.outputs), cf, self.held_out),
-                    self._float_mask(block))
+                    [ref[k] for k in self.held_out],
+                    self._run(block, True, list(block.outputs), cf, self.held_out),
+                    self._float_mask(block),
+                )
             return ref, ref
 
         self._sweep(visit)
@@ -287,8 +304,13 @@ class Tuner:
                 self._version[name] = self._version.get(name, 0) + 1
             self.float_params = dict(self.params)
             self._float_version += 1
-        logger.info("equalized %d chains (%d channels scaled)%s in %.1f s", len(self.chains), scaled,
-                    ", ranked the blocks" if rank else "", time.perf_counter() - t0)
+        logger.info(
+            "equalized %d chains (%d channels scaled)%s in %.1f s",
+            len(self.chains),
+            scaled,
+            ", ranked the blocks" if rank else "",
+            time.perf_counter() - t0,
+        )
         return local
 
     # --- the main pass ---------------------------------------------------------------------------
@@ -302,9 +324,11 @@ class Tuner:
 
         def visit(block: Block, cf: Cache, cq: Cache) -> tuple[Outputs, Outputs]:
             sess = self._session(block)
-            layers = [
-                L for L in (self.layers[n] for n in block.layers) if L.bias and sess.reduced(L.output)
-            ] if plan.bias_correction else []
+            layers = (
+                [L for L in (self.layers[n] for n in block.layers) if L.bias and sess.reduced(L.output)]
+                if plan.bias_correction
+                else []
+            )
             outs, n_out = list(block.outputs), len(block.outputs)
             fout = self._run(block, False, [*outs, *(L.output + "__cmean" for L in layers)], cf)
             ref = [batch[:n_out] for batch in fout]
@@ -313,8 +337,9 @@ class Tuner:
                 f_means = [np.concatenate([fout[k][n_out + j] for k in self.fit]) for j in range(len(layers))]
                 loss = self._bias_correct(block, cq, ref, loss, layers, f_means)
             if block.index in range_set | round_set:
-                loss = self._reconstruct(block, cf, cq, ref, loss, plan.iterations, block.index in round_set,
-                                         block.index in range_set)
+                loss = self._reconstruct(
+                    block, cf, cq, ref, loss, plan.iterations, block.index in round_set, block.index in range_set
+                )
             if block.index == len(self.blocks) - 1:  # no block reads the last one's outputs
                 return ref, ref
             return ref, self._run(block, True, outs, cq)
@@ -326,8 +351,9 @@ class Tuner:
         quant = self._run(block, True, list(block.outputs), cq, self.held_out)
         return relative_error([ref[k] for k in self.held_out], quant, self._float_mask(block))
 
-    def _bias_correct(self, block: Block, cq: Cache, ref: Outputs, loss: float, layers: list[Layer],
-                      f_means: list[np.ndarray]) -> float:
+    def _bias_correct(
+        self, block: Block, cq: Cache, ref: Outputs, loss: float, layers: list[Layer], f_means: list[np.ndarray]
+    ) -> float:
         """Empirical bias correction of the layers' per-channel output means (on the fitting
         batches), one layer at a time so each is measured after the ones above it."""
         t0 = time.perf_counter()
@@ -340,9 +366,18 @@ class Tuner:
             self._set(L.bias, L.unbias(L.bias_rows(b.astype(np.float64)) + shift, b))
         return self._keep_if_better(block, "bias_correction", ref, loss, cq, saved, {}, t0)
 
-    def _keep_if_better(self, block: Block, step: str, ref: Outputs, loss: float, cq: Cache,
-                        saved_params: dict[str, np.ndarray], saved_ranges: dict[str, tuple[float, float]],
-                        t0: float, saved_frozen: set[str] | None = None) -> float:
+    def _keep_if_better(
+        self,
+        block: Block,
+        step: str,
+        ref: Outputs,
+        loss: float,
+        cq: Cache,
+        saved_params: dict[str, np.ndarray],
+        saved_ranges: dict[str, tuple[float, float]],
+        t0: float,
+        saved_frozen: set[str] | None = None,
+    ) -> float:
         """Keep the block's new parameters if its held-out loss went down, else restore them;
         returns the block's loss after."""
         new_loss = self._held_out_loss(block, ref, cq)
@@ -357,8 +392,17 @@ class Tuner:
             self.frozen = saved_frozen
         return loss
 
-    def _reconstruct(self, block: Block, cf: Cache, cq: Cache, ref: Outputs, loss: float, iterations: int,
-                     round_weights: bool, search_ranges: bool) -> float:
+    def _reconstruct(
+        self,
+        block: Block,
+        cf: Cache,
+        cq: Cache,
+        ref: Outputs,
+        loss: float,
+        iterations: int,
+        round_weights: bool,
+        search_ranges: bool,
+    ) -> float:
         """GPTQ rounding, then range search, of one block; kept only if the held-out loss drops.
 
         Rounding goes first: searching ranges for round-to-nearest weights and then letting
@@ -415,8 +459,13 @@ class Tuner:
         for i, t in enumerate(last):  # the other outputs do not depend on t's range
             ref_t = [ref[k][outputs.index(t)].astype(np.float64) for k in subset]
             candidates = self._range_candidates(t)
-            errors = [sum(float(np.sum(np.square(r - fake_quant_activation(batch[i], *c))))
-                          for r, batch in zip(ref_t, out, strict=True)) for c in candidates]
+            errors = [
+                sum(
+                    float(np.sum(np.square(r - fake_quant_activation(batch[i], *c))))
+                    for r, batch in zip(ref_t, out, strict=True)
+                )
+                for c in candidates
+            ]
             self.ranges[t] = candidates[int(np.argmin(errors))]
 
     def _range_candidates(self, tensor: str) -> list[tuple[float, float]]:
@@ -471,8 +520,14 @@ class Tuner:
         for k, (xq,) in enumerate(self._stream(block, True, [inp], cq)):
             (held_out if k in held else fit).add(float_patches[k], layer.patches(xq, self._positions(layer)))
         b = self.float_params[layer.bias] if layer.bias else None
-        r = choose_rounding(rows, layer.bias_rows(b.astype(np.float64)) if b is not None else None, fit, held_out,
-                            layer.row_quantization(), layer.scheme.power_of_two)
+        r = choose_rounding(
+            rows,
+            layer.bias_rows(b.astype(np.float64)) if b is not None else None,
+            fit,
+            held_out,
+            layer.row_quantization(),
+            layer.scheme.power_of_two,
+        )
         if r.method == "gptq":
             self._set(layer.weight, grid_weight(r, layer, w.shape))
             self.frozen.add(layer.weight)
@@ -484,9 +539,7 @@ class Tuner:
 
     # --- results ----------------------------------------------------------------------------------
     def range_overrides(self) -> dict[str, tuple[float, float]]:
-        return {
-            t: r for t, r in self.ranges.items() if t in self._equalized or r != self.calibrated.get(t)
-        }
+        return {t: r for t, r in self.ranges.items() if t in self._equalized or r != self.calibrated.get(t)}
 
     def tuned_model(self) -> onnx.ModelProto:
         out = onnx.ModelProto()

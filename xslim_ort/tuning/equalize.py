@@ -46,8 +46,9 @@ class Chain:
     quantized: tuple[str, ...]  # tensors of the chain that carry a Q/DQ pair
 
 
-def find_chains(graph: GraphIndex, schemes: Mapping[str, WeightScheme],
-                quantized_tensors: Collection[str]) -> list[Chain]:
+def find_chains(
+    graph: GraphIndex, schemes: Mapping[str, WeightScheme], quantized_tensors: Collection[str]
+) -> list[Chain]:
     """All Conv -> ... -> Conv chains that can be equalized exactly (see module doc)."""
     chains = []
     for n1 in graph.dynamic_nodes:
@@ -90,8 +91,13 @@ def _homogeneous(graph: GraphIndex, node) -> bool:
     pads = graph.constant_value(node.input[1])
     value = graph.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
     no_axes = len(node.input) <= 3 or not node.input[3]
-    return (pads is not None and value is not None and no_axes and not np.any(pads.reshape(2, -1)[:, :2])
-            and not np.any(value))
+    return (
+        pads is not None
+        and value is not None
+        and no_axes
+        and not np.any(pads.reshape(2, -1)[:, :2])
+        and not np.any(value)
+    )
 
 
 def _str(v) -> str:
@@ -118,8 +124,13 @@ class ChannelStats:
         return self.sq_sum / self.batches
 
 
-def chain_scales(chain: Chain, stats: Mapping[str, ChannelStats], ranges: Mapping[str, tuple[float, float]],
-                 w2: np.ndarray, groups: int) -> np.ndarray:
+def chain_scales(
+    chain: Chain,
+    stats: Mapping[str, ChannelStats],
+    ranges: Mapping[str, tuple[float, float]],
+    w2: np.ndarray,
+    groups: int,
+) -> np.ndarray:
     """Per-channel factors ``a`` for ``chain`` minimizing the predicted noise at the second
     conv's output, between ``1 / MAX_SCALE`` and the factor filling the calibrated range."""
     upper = np.full(stats[chain.quantized[0]].hi.shape, MAX_SCALE)
@@ -137,8 +148,16 @@ def chain_scales(chain: Chain, stats: Mapping[str, ChannelStats], ranges: Mappin
     return _minimize_noise(w2, groups, stats[last].mean_square, step, lower, upper)
 
 
-def _minimize_noise(w2: np.ndarray, groups: int, msq: np.ndarray, step: float, lower: np.ndarray,
-                    upper: np.ndarray, sweeps: int = 3, chunk: int = 64) -> np.ndarray:
+def _minimize_noise(
+    w2: np.ndarray,
+    groups: int,
+    msq: np.ndarray,
+    step: float,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    sweeps: int = 3,
+    chunk: int = 64,
+) -> np.ndarray:
     """Coordinate descent on the uniform-noise model of the second conv's output error.
 
     With input channel ``i`` scaled by ``a_i`` (its weights by ``1 / a_i``), the output

@@ -48,9 +48,7 @@ class GraphIndex:
         init_names = set(self.inits)
         self.graph_inputs = [i.name for i in g.input if i.name not in init_names]
         self.graph_outputs = [o.name for o in g.output]
-        self.value_info: dict[str, onnx.ValueInfoProto] = {
-            vi.name: vi for vi in [*g.value_info, *g.input, *g.output]
-        }
+        self.value_info: dict[str, onnx.ValueInfoProto] = {vi.name: vi for vi in [*g.value_info, *g.input, *g.output]}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
         for i, node in enumerate(self.nodes):
@@ -172,11 +170,7 @@ def partition(
     if live_at:
         narrowest = min(len(live) for live in live_at)
         candidates = [k for k, live in enumerate(live_at) if len(live) == narrowest]
-        preferred = [
-            k
-            for k in candidates
-            if all(t in quantized_tensors for t in live_at[k])
-        ]
+        preferred = [k for k in candidates if all(t in quantized_tensors for t in live_at[k])]
         cuts = preferred or candidates
 
     layer_ids = {n for n in order if graph.layer_weight(n, schemes) is not None}
@@ -217,9 +211,7 @@ def partition(
     for i, nodes in enumerate(groups):
         k1 = pos[nodes[-1]]
         produced = {t for n in nodes for t in graph.nodes[n].output}
-        inputs = sorted(
-            {t for n in nodes for t in graph.nodes[n].input if t in graph.dynamic and t not in produced}
-        )
+        inputs = sorted({t for n in nodes for t in graph.nodes[n].input if t in graph.dynamic and t not in produced})
         outputs = sorted(t for t in produced if t in graph.dynamic and last_use.get(t, -1) > k1)
         layers = tuple(n for n in nodes if n in layer_ids)
         names = [graph.nodes[n].name or graph.nodes[n].output[0] for n in (layers or nodes)]

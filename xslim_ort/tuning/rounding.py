@@ -61,8 +61,13 @@ class Layer:
         node = graph.nodes[node_id]
         w = graph.inits[node.input[1]]
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in graph.inits else None
-        common = {"node_id": node_id, "op": node.op_type, "weight": node.input[1], "output": node.output[0],
-                  "scheme": scheme}
+        common = {
+            "node_id": node_id,
+            "op": node.op_type,
+            "weight": node.input[1],
+            "output": node.output[0],
+            "scheme": scheme,
+        }
         if node.op_type == "Conv":
             nd = w.ndim - 2
             return cls(
@@ -80,8 +85,13 @@ class Layer:
             n_out = w.shape[0] if attr(node, "transB", 0) else w.shape[1]
             if bias is not None and (beta == 0.0 or graph.inits[bias].size != n_out):
                 bias = None
-            return cls(bias=bias, alpha=float(attr(node, "alpha", 1.0)), beta=beta,
-                       trans_b=bool(attr(node, "transB", 0)), **common)
+            return cls(
+                bias=bias,
+                alpha=float(attr(node, "alpha", 1.0)),
+                beta=beta,
+                trans_b=bool(attr(node, "transB", 0)),
+                **common,
+            )
         return cls(bias=None, **common)
 
     # --- weight layout -------------------------------------------------------------
@@ -131,8 +141,14 @@ class Layer:
         pads = self._pads(x.shape[2:], eff)
         xp = np.pad(x, [(0, 0), (0, 0), *((pads[i], pads[i + nd]) for i in range(nd))])
         win = sliding_window_view(xp, eff, axis=tuple(range(2, 2 + nd)))
-        win = win[(slice(None), slice(None), *(slice(None, None, s) for s in self.strides),
-                   *(slice(None, None, d) for d in self.dilations))]
+        win = win[
+            (
+                slice(None),
+                slice(None),
+                *(slice(None, None, s) for s in self.strides),
+                *(slice(None, None, d) for d in self.dilations),
+            )
+        ]
         n, c = x.shape[:2]
         if max_positions is not None:
             total = n * int(np.prod(win.shape[2 : 2 + nd]))
@@ -224,8 +240,9 @@ def _grid(target: np.ndarray, mode: str, power_of_two: bool) -> tuple[np.ndarray
     pin_val = np.zeros((g, r))
     if mode == "row":
         pin_col[:] = absmax.argmax(axis=2)
-        pin_val[:] = np.clip(np.rint(np.take_along_axis(target, pin_col[..., None], 2)[..., 0] / scale[..., 0]),
-                             WEIGHT_QMIN, WEIGHT_QMAX)
+        pin_val[:] = np.clip(
+            np.rint(np.take_along_axis(target, pin_col[..., None], 2)[..., 0] / scale[..., 0]), WEIGHT_QMIN, WEIGHT_QMAX
+        )
     else:
         gi, ri, ci = np.unravel_index(absmax.argmax(), absmax.shape)
         pin_col[gi, ri] = ci
@@ -248,8 +265,15 @@ def rtn(w: np.ndarray, b: np.ndarray | None, stats: InputStats, mode: str, power
     return Rounded(codes.astype(np.int32), scale, bias, "rtn")
 
 
-def gptq(w: np.ndarray, b: np.ndarray | None, stats: InputStats, mode: str, power_of_two: bool,
-         ridge: float | None, damp: float = DAMP) -> Rounded:
+def gptq(
+    w: np.ndarray,
+    b: np.ndarray | None,
+    stats: InputStats,
+    mode: str,
+    power_of_two: bool,
+    ridge: float | None,
+    damp: float = DAMP,
+) -> Rounded:
     """Round ``w`` (``[groups, rows, cols]``) to the int8 grid minimizing
     ``|| [W b] [Xf 1]^T - [Q b'] [Xq 1]^T ||^2`` over the calibration positions.
 
@@ -312,8 +336,9 @@ def objective(w: np.ndarray, b: np.ndarray | None, rounded: Rounded, stats: Inpu
     return float(np.sum((qaug @ h) * qaug) - 2.0 * np.sum((waug @ c) * qaug))
 
 
-def choose_rounding(w: np.ndarray, b: np.ndarray | None, fit: InputStats, held_out: InputStats, mode: str,
-                    power_of_two: bool) -> Rounded:
+def choose_rounding(
+    w: np.ndarray, b: np.ndarray | None, fit: InputStats, held_out: InputStats, mode: str, power_of_two: bool
+) -> Rounded:
     """Round-to-nearest, or GPTQ with the ridge, that does best on held-out calibration data,
     refitted on all of it.
 

@@ -47,8 +47,12 @@ def make_session(model: onnx.ModelProto, optimize: bool = False) -> ort.Inferenc
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     )
     so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["WeightBiasQuantization"])
+    return ort.InferenceSession(
+        model.SerializeToString(),
+        so,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=["WeightBiasQuantization"],
+    )
 
 
 def qdq_nodes(tensor: str, scale: str, zero_point: str) -> list[onnx.NodeProto]:
@@ -163,8 +167,9 @@ class BlockSessions:
         self.outputs = list(block.outputs)
         self._graph = graph
         self._opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        self.tails = {t: self._tail(t) for t in self.quantized if t in {i for n in block.nodes
-                                                                        for i in graph.nodes[n].input}}
+        self.tails = {
+            t: self._tail(t) for t in self.quantized if t in {i for n in block.nodes for i in graph.nodes[n].input}
+        }
         self._templates: dict[object, onnx.ModelProto] = {}
         self._sessions: dict[object, tuple[object, ort.InferenceSession, list[str]]] = {}
 
@@ -194,15 +199,25 @@ class BlockSessions:
                 t = which[1]
                 tail = self.tails[t]
                 self._templates[which] = self._build(
-                    [q for q in self.quantized if q in tail.produced], tail.outputs, tail.nodes,
-                    [*tail.upstream, *(i for i in self.block.inputs if i in tail.reads)], head=t)
+                    [q for q in self.quantized if q in tail.produced],
+                    tail.outputs,
+                    tail.nodes,
+                    [*tail.upstream, *(i for i in self.block.inputs if i in tail.reads)],
+                    head=t,
+                )
             else:
                 quant, outputs = which
                 self._templates[which] = self._build(self.quantized if quant else [], list(outputs))
         return self._templates[which]
 
-    def _build(self, quantized: list[str], outputs: list[str], node_subset: Sequence[int] | None = None,
-               input_names: Sequence[str] | None = None, head: str | None = None) -> onnx.ModelProto:
+    def _build(
+        self,
+        quantized: list[str],
+        outputs: list[str],
+        node_subset: Sequence[int] | None = None,
+        input_names: Sequence[str] | None = None,
+        head: str | None = None,
+    ) -> onnx.ModelProto:
         """The nodes of the block (or of the ``node_subset`` of it) that ``outputs`` need, as a
         model; ``head`` is a quantized tensor fed before its Q/DQ pair (``head__float``), for a tail."""
         graph = self._graph
@@ -263,25 +278,40 @@ class BlockSessions:
         if suffix == "__cmax":
             return [_reduce("ReduceMax", source, output, not_channel, self._opset, inits)]
         if suffix == "__cmsq":
-            return [helper.make_node("Mul", [source, source], [name + "__sq"]),
-                    _reduce("ReduceMean", name + "__sq", output, not_channel, self._opset, inits)]
+            return [
+                helper.make_node("Mul", [source, source], [name + "__sq"]),
+                _reduce("ReduceMean", name + "__sq", output, not_channel, self._opset, inits),
+            ]
         if rank > 2:  # __cmean
             return [_reduce("ReduceMean", source, output, list(range(2, rank)), self._opset, inits)]
         return [helper.make_node("Identity", [source], [output])]
 
-    def run(self, quant: bool, params: Mapping[str, np.ndarray], key: object, feeds: Mapping[str, np.ndarray],
-            outputs: list[str]) -> list[np.ndarray]:
+    def run(
+        self,
+        quant: bool,
+        params: Mapping[str, np.ndarray],
+        key: object,
+        feeds: Mapping[str, np.ndarray],
+        outputs: list[str],
+    ) -> list[np.ndarray]:
         """Run the block's nodes that ``outputs`` need; ``key`` identifies the values of ``params``
         (rebuild when it changes)."""
         return self._session((quant, tuple(outputs)), params, key, feeds, outputs)
 
-    def run_tail(self, tensor: str, params: Mapping[str, np.ndarray], key: object,
-                 feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def run_tail(
+        self, tensor: str, params: Mapping[str, np.ndarray], key: object, feeds: Mapping[str, np.ndarray]
+    ) -> list[np.ndarray]:
         """The quantized nodes downstream of ``tensor`` (see ``Tail``); returns its outputs."""
         return self._session(("tail", tensor), params, key, feeds, self.tails[tensor].outputs)
 
-    def _session(self, which: tuple, params: Mapping[str, np.ndarray], key: object,
-                 feeds: Mapping[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    def _session(
+        self,
+        which: tuple,
+        params: Mapping[str, np.ndarray],
+        key: object,
+        feeds: Mapping[str, np.ndarray],
+        outputs: list[str],
+    ) -> list[np.ndarray]:
         cached = self._sessions.get(which)
         if cached is None or cached[0] != key:
             model = onnx.ModelProto()

@@ -16,8 +16,9 @@ import ctypes
 from collections.abc import Iterator
 from pathlib import Path
 
-_SYMBOLS = [(f"{p}_get_num_threads{s}", f"{p}_set_num_threads{s}")
-            for p in ("scipy_openblas", "openblas") for s in ("64_", "")]
+_SYMBOLS = [
+    (f"{p}_get_num_threads{s}", f"{p}_set_num_threads{s}") for p in ("scipy_openblas", "openblas") for s in ("64_", "")
+]
 
 
 def _openblas() -> list[tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]]:
@@ -25,8 +26,13 @@ def _openblas() -> list[tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]]:
     maps = Path("/proc/self/maps")
     if not maps.is_file():
         return []
-    paths = sorted({line.split()[-1] for line in maps.read_text().splitlines()
-                    if "openblas" in line.rsplit("/", 1)[-1].lower() and ".so" in line})
+    paths = sorted(
+        {
+            line.split()[-1]
+            for line in maps.read_text().splitlines()
+            if "openblas" in line.rsplit("/", 1)[-1].lower() and ".so" in line
+        }
+    )
     found = []
     for path in paths:
         try:
