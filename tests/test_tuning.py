@@ -243,8 +243,11 @@ def test_gptq_beats_round_to_nearest_and_keeps_the_grid(mode, pow2):
     _, _, fit = _regression(1)
     _, _, held_out = _regression(2)
     near = rtn(w, b, fit, mode, pow2)
-    for ridge in (0.01, None):
-        rounded = gptq(w, b, fit, mode, pow2, ridge=ridge)
+    ridges = (0.01, None)
+    for ridge, rounded in zip(ridges, gptq(w, b, fit, mode, pow2, ridges), strict=True):
+        alone = gptq(w, b, fit, mode, pow2, [ridge])[0]  # rounded together with the others or alone: the same
+        np.testing.assert_array_equal(rounded.codes, alone.codes)
+        np.testing.assert_allclose(rounded.bias, alone.bias, rtol=1e-12)
         assert objective(w, b, rounded, held_out) < objective(w, b, near, held_out)
         assert np.abs(rounded.codes).max() <= 127
         if mode == "row":
@@ -270,7 +273,7 @@ def test_rounded_weights_are_reproduced_exactly_by_the_quantizer_rule(scheme, op
     stats = InputStats(rows.shape[0], d)
     x = rng.normal(size=(1, 500, d)).astype(np.float32)
     stats.add(x, x)
-    rounded = gptq(rows, None, stats, layer.row_quantization(), scheme.power_of_two, ridge=None)
+    rounded = gptq(rows, None, stats, layer.row_quantization(), scheme.power_of_two, [None])[0]
     frozen = grid_weight(rounded, layer, w.shape)
     np.testing.assert_array_equal(scheme.fake_quant(frozen), frozen)
     np.testing.assert_array_equal(fake_quant_weight(frozen, scheme.axis, scheme.power_of_two), frozen)

@@ -17,6 +17,7 @@ at exactly +-127 * scale (per-tensor power-of-two scales keep their largest code
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -271,17 +272,20 @@ def gptq(
     stats: InputStats,
     mode: str,
     power_of_two: bool,
-    ridge: float | None,
+    ridges: Sequence[float | None],
     damp: float = DAMP,
-) -> Rounded:
+) -> list[Rounded]:
     """Round ``w`` (``[groups, rows, cols]``) to the int8 grid minimizing
-    ``|| [W b] [Xf 1]^T - [Q b'] [Xq 1]^T ||^2`` over the calibration positions.
+    ``|| [W b] [Xf 1]^T - [Q b'] [Xq 1]^T ||^2`` over the calibration positions, once per
+    entry of ``ridges``.
 
-    ``ridge`` (relative to the mean Hessian diagonal) regularizes the least-squares target
+    A ridge (relative to the mean Hessian diagonal) regularizes the least-squares target
     towards ``w``; None rounds ``w`` itself (plain GPTQ, blind to the input error).
     ``mode`` is 'row' (a scale per row, max|w| / 127) or 'tensor' (one scale; rounded up
     to a power of two if ``power_of_two``). Columns go in decreasing Hessian diagonal
-    order (GPTQ's act-order), the bias last.
+    order (GPTQ's act-order), the bias last. The targets of all ridges go through one
+    factorization of the Hessian and one column loop, as extra rows: the loop and the
+    inverse, not the arithmetic, are what a layer costs.
     """
     g, r, d = w.shape
     has_bias = b is not None
@@ -290,14 +294,21 @@ def gptq(
     h, c = stats.h[:, :n, :n], stats.c[:, :n, :n]
     diag = np.einsum("gii->gi", h[:, :d, :d])
     scale_h = np.maximum(diag.mean(axis=1), 1e-12)[:, None, None] * np.eye(n)
-    if ridge is None:
-        target = waug.copy()
-    else:  # ridge on both sides: pulls the least-squares weights towards w, not towards 0
-        target = np.linalg.solve(h + ridge * scale_h, (waug @ (c + ridge * scale_h)).transpose(0, 2, 1))
-        target = target.transpose(0, 2, 1)
     dead = np.abs(w).max(axis=2) == 0
-    target[dead] = 0.0
-    scale, pin_col, pin_val = _grid(target[:, :, :d], mode, power_of_two)
+    targets, grids = [], []
+    for ridge in ridges:
+        if ridge is None:
+            target = waug.copy()
+        else:  # ridge on both sides: pulls the least-squares weights towards w, not towards 0
+            target = np.linalg.solve(h + ridge * scale_h, (waug @ (c + ridge * scale_h)).transpose(0, 2, 1))
+            target = target.transpose(0, 2, 1)
+        target[dead] = 0.0
+        targets.append(target)
+        grids.append(_grid(target[:, :, :d], mode, power_of_two))
+    target = np.concatenate(targets, axis=1)  # [g, len(ridges) * r, n]
+    s = np.concatenate([np.broadcast_to(scale[..., 0], (g, r)) for scale, _, _ in grids], axis=1)
+    pin_col = np.concatenate([pc for _, pc, _ in grids], axis=1)
+    pin_val = np.concatenate([pv for _, _, pv in grids], axis=1)
 
     # Act-order permutation of the weight columns; the bias column stays last.
     perm = np.argsort(-diag, axis=1, kind="stable")
@@ -310,11 +321,10 @@ def gptq(
     pin_pos = np.where(pin_col >= 0, np.take_along_axis(inv_perm, np.maximum(pin_col, 0), 1), -1)
 
     u = np.linalg.cholesky(np.linalg.inv(hp)).transpose(0, 2, 1)  # H^-1 = U^T U, U upper
-    codes_p = np.zeros((g, r, d))
-    s = scale[..., 0]
+    codes_p = np.zeros((*wk.shape[:2], d))
     for start in range(0, d, LAZY_BLOCK):  # GPTQ's lazy batches: the far columns get one matmul
         end = min(start + LAZY_BLOCK, d)
-        errs = np.zeros((g, r, end - start))
+        errs = np.zeros((*wk.shape[:2], end - start))
         for i in range(start, end):
             col = wk[:, :, i]
             q = np.where(pin_pos == i, pin_val, np.clip(np.rint(col / s), WEIGHT_QMIN, WEIGHT_QMAX))
@@ -323,8 +333,11 @@ def gptq(
             errs[:, :, i - start] = err
             codes_p[:, :, i] = q
         wk[:, :, end:] -= errs @ u[:, start:end, end:]
-    codes = np.take_along_axis(codes_p, inv_perm[:, None, :d], 2)
-    return Rounded(codes.astype(np.int32), scale, wk[:, :, d] if has_bias else None, "gptq")
+    codes = np.take_along_axis(codes_p, inv_perm[:, None, :d], 2).astype(np.int32)
+    return [
+        Rounded(codes[:, k * r : (k + 1) * r], scale, wk[:, k * r : (k + 1) * r, d] if has_bias else None, "gptq")
+        for k, (scale, _, _) in enumerate(grids)
+    ]
 
 
 def objective(w: np.ndarray, b: np.ndarray | None, rounded: Rounded, stats: InputStats) -> float:
@@ -347,19 +360,19 @@ def choose_rounding(
     ridge that generalizes. The refit then uses every sample (measured: worth about 1 dB
     on MobileNetV2's last blocks, where samples per column are fewest).
     """
-    candidates: list[float | None] = [None]  # None: round to nearest
-    if fit.count >= w.shape[2] + 1:  # fewer samples than columns: H is singular, GPTQ memorizes
-        candidates += list(RIDGES)
+    ridges = RIDGES if fit.count >= w.shape[2] + 1 else ()  # fewer samples than columns: H is singular
 
     def fitted(ridge: float | None, stats: InputStats) -> Rounded:
-        if ridge is None:
-            return rtn(w, b, stats, mode, power_of_two)
-        return gptq(w, b, stats, mode, power_of_two, ridge=ridge)
+        """GPTQ with ``ridge``, or round to nearest for None."""
+        return (
+            rtn(w, b, stats, mode, power_of_two) if ridge is None else gptq(w, b, stats, mode, power_of_two, [ridge])[0]
+        )
 
     if not held_out.count:
-        return fitted(candidates[-1] if len(candidates) > 1 else None, fit)
-    best = min(candidates, key=lambda ridge: objective(w, b, fitted(ridge, fit), held_out))
-    return fitted(best, fit.merged(held_out))
+        return fitted(ridges[-1] if ridges else None, fit)
+    scored = [rtn(w, b, fit, mode, power_of_two), *(gptq(w, b, fit, mode, power_of_two, ridges) if ridges else [])]
+    best = int(np.argmin([objective(w, b, rounded, held_out) for rounded in scored]))
+    return fitted([None, *ridges][best], fit.merged(held_out))
 
 
 def grid_weight(rounded: Rounded, layer: Layer, shape: tuple[int, ...]) -> np.ndarray:
