@@ -146,18 +146,13 @@ def output_sqnr(
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
-    sessions = [
-        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        for m in (float_model, *models)
-    ]
-    outs: list[list[np.ndarray]] = [[] for _ in sessions]
-    for i, batch in enumerate(source()):
-        if i >= max_batches:
-            break
-        for k, s in enumerate(sessions):
-            outs[k].append(np.concatenate([o.ravel() for o in s.run(None, batch)]))
-    ref = np.concatenate(outs[0])
-    return [sqnr_db(ref, np.concatenate(o)) for o in outs[1:]]
+    outs = []
+    for m in (float_model, *models):  # one at a time: sessions run in turns spin their thread pools against each other
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        batches = (batch for _, batch in zip(range(max_batches), source(), strict=False))
+        outs.append(np.concatenate([o.ravel() for batch in batches for o in sess.run(None, batch)]))
+        del sess
+    return [sqnr_db(outs[0], o) for o in outs[1:]]
 
 
 def tune(
