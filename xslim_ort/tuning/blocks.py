@@ -139,6 +139,7 @@ class Tuner:
         self._version: dict[str, int] = {}
         self._float_version = 0
         self._sessions: dict[int, BlockSessions] = {}
+        self._held_quant: Outputs = []  # the current block's quantized outputs on the held-out batches
         self._equalized: set[str] = set()
         last: dict[str, int] = {}
         for b in self.blocks:
@@ -342,14 +343,17 @@ class Tuner:
                 )
             if block.index == len(self.blocks) - 1:  # no block reads the last one's outputs
                 return ref, ref
-            return ref, self._run(block, True, outs, cq)
+            held = dict(zip(self.held_out, self._held_quant, strict=True))  # the block as it is now
+            rest = iter(self._run(block, True, outs, cq, [k for k in range(len(self.batches)) if k not in held]))
+            return ref, [held[k] if k in held else next(rest) for k in range(len(self.batches))]
 
         self._sweep(visit)
 
     def _held_out_loss(self, block: Block, ref: Outputs, cq: Cache) -> float:
-        """The quantized block's output loss on the held-out batches, as the block is now."""
-        quant = self._run(block, True, list(block.outputs), cq, self.held_out)
-        return relative_error([ref[k] for k in self.held_out], quant, self._float_mask(block))
+        """The quantized block's output loss on the held-out batches, as the block is now (its
+        outputs there are kept in ``_held_quant``)."""
+        self._held_quant = self._run(block, True, list(block.outputs), cq, self.held_out)
+        return relative_error([ref[k] for k in self.held_out], self._held_quant, self._float_mask(block))
 
     def _bias_correct(
         self, block: Block, cq: Cache, ref: Outputs, loss: float, layers: list[Layer], f_means: list[np.ndarray]
@@ -380,11 +384,13 @@ class Tuner:
     ) -> float:
         """Keep the block's new parameters if its held-out loss went down, else restore them;
         returns the block's loss after."""
+        held_quant = self._held_quant
         new_loss = self._held_out_loss(block, ref, cq)
         kept = new_loss < loss
         self._record(block, step, loss, new_loss, kept, t0)
         if kept:
             return new_loss
+        self._held_quant = held_quant
         for name, v in saved_params.items():
             self._set(name, v)
         self.ranges.update(saved_ranges)
@@ -434,24 +440,8 @@ class Tuner:
         outputs = list(block.outputs)
         subset = self.fit[:: max(1, len(self.fit) // RANGE_SEARCH_BATCHES)]
         sess = self._session(block)
-        for t, tail in sess.tails.items():  # one full run for the tail's inputs, then only the tail
-            heads = self._run(block, True, [t + FLOAT_SUFFIX, *tail.upstream], cq, subset)
-            tail_ref = [[ref[k][outputs.index(o)] for o in tail.outputs] for k in subset]
-            tail_mask = [self.graph.is_float(o) for o in tail.outputs]
-            best, best_loss = self.ranges[t], math.inf
-            for cand_range in self._range_candidates(t):
-                self.ranges[t] = cand_range
-                params, key, feeds = self._session_args(block, True)
-                feeds.update(scale_zp_feeds(t, cand_range))
-                outs = []
-                for k, head in zip(subset, heads, strict=True):
-                    feeds.update({i: cq[i][k] for i in block.inputs})
-                    feeds.update(zip([t + FLOAT_SUFFIX, *tail.upstream], head, strict=True))
-                    outs.append(sess.run_tail(t, params, key, feeds))
-                cand = relative_error(tail_ref, outs, tail_mask)
-                if cand < best_loss:
-                    best, best_loss = cand_range, cand
-            self.ranges[t] = best
+        for t in sess.tails:
+            self.ranges[t] = min(self._range_candidates(t), key=self._tail_loss(block, t, cq, ref, subset))
         last = [t for t in sess.quantized if t not in sess.tails and t in outputs]
         if not last:
             return
@@ -467,6 +457,31 @@ class Tuner:
                 for c in candidates
             ]
             self.ranges[t] = candidates[int(np.argmin(errors))]
+
+    def _tail_loss(
+        self, block: Block, tensor: str, cq: Cache, ref: Outputs, subset: Sequence[int]
+    ) -> Callable[[tuple[float, float]], float]:
+        """The block's output loss on ``subset`` as a function of ``tensor``'s range: one run of
+        the block up to ``tensor``, then only its tail (the nodes downstream) per range."""
+        sess = self._session(block)
+        tail = sess.tails[tensor]
+        outputs = list(block.outputs)
+        head_names = [tensor + FLOAT_SUFFIX, *tail.upstream]
+        heads = self._run(block, True, head_names, cq, subset)
+        tail_ref = [[ref[k][outputs.index(o)] for o in tail.outputs] for k in subset]
+        tail_mask = [self.graph.is_float(o) for o in tail.outputs]
+
+        def loss(rng: tuple[float, float]) -> float:
+            self.ranges[tensor] = rng
+            params, key, feeds = self._session_args(block, True)
+            outs = []
+            for k, head in zip(subset, heads, strict=True):
+                feeds.update({i: cq[i][k] for i in block.inputs})
+                feeds.update(zip(head_names, head, strict=True))
+                outs.append(sess.run_tail(tensor, params, key, feeds))
+            return relative_error(tail_ref, outs, tail_mask)
+
+        return loss
 
     def _range_candidates(self, tensor: str) -> list[tuple[float, float]]:
         """The current range, then ``RANGE_FACTORS`` times it within the clip bounds, less
