@@ -166,7 +166,7 @@ def test_equalization_is_exact_and_evens_out_channels(depthwise):
     tensors = ["x", "a1", "y"]
     ranges = minmax(model, tensors, batches)
     assert len(find_chains(GraphIndex(model), schemes, set(tensors))) == 1
-    tuner = Tuner(model, batches, ranges, tensors, schemes)
+    tuner = Tuner(model, source_from_batches(batches), ranges, tensors, schemes)
     tuner.survey(rank=False)
     result = TuneResult(tuner.tuned_model(), tuner.range_overrides())
     held_out = images(8, (1, 3, 8, 8), seed=2)  # exact everywhere, not only on calibration data
@@ -441,6 +441,27 @@ def test_bad_level_and_empty_data_are_refused(residual):
         finetune(model, source_from_batches([]), 1, ranges=ranges, quantized_tensors=RESIDUAL_Q, weight_schemes=schemes)
 
 
+def test_memory_budget_sets_the_number_of_batches(residual, caplog):
+    """Tuning holds every batch's block-boundary activations, float and quantized: a memory
+    budget, not a fixed count, sets how many batches it uses, and the run says so."""
+    model, schemes, batches, ranges = residual  # 48 batches of x [2, 8, 10, 10] float32: 6400 bytes
+    # blocks x -> s0 and s0 -> y: widest where x and s0 are both alive, then the batch itself
+    per_batch = 2 * (6400 + 6400) + 6400
+    counts, messages = [], []
+    for budget in (20 * per_batch + per_batch - 1, 3 * per_batch, 100 * per_batch):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="xslim_ort.tuning"):
+            tuner = Tuner(model, source_from_batches(batches), ranges, RESIDUAL_Q, schemes, memory_budget=budget)
+            assert tuner.batch_bytes() == per_batch
+            counts.append(len(tuner.batches))
+            messages.append([(r.levelname, r.getMessage()) for r in caplog.records])
+    assert counts == [20, 8, 48]  # what fits; the minimum of 8 even over budget; all there are
+    assert [level for level, _ in messages[0]] == ["INFO"]
+    assert messages[0][0][1].startswith("tuning on the first 20 calibration batches")
+    assert len(messages[1]) == 1 and messages[1][0][0] == "WARNING" and "minimum of 8 batches" in messages[1][0][1]
+    assert messages[2] == []
+
+
 # --- zoo ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_mobilenet_v2_levels(zoo):
@@ -483,7 +504,7 @@ def test_mobilenet_v2_levels(zoo):
 def test_block_tails_reproduce_the_block(residual):
     """Re-running only the nodes after a quantized tensor gives the block's own outputs."""
     model, schemes, batches, ranges = residual
-    tuner = Tuner(model, batches[:4], ranges, RESIDUAL_Q, schemes)
+    tuner = Tuner(model, source_from_batches(batches[:4]), ranges, RESIDUAL_Q, schemes)
     cache = {"x": [b["x"] for b in tuner.batches]}
     block = tuner.blocks[0]
     sess = tuner._session(block)

@@ -21,24 +21,19 @@ widen a Relu/Clip output past its clip bounds.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from itertools import islice
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ..calibration.batches import BatchSource
-from ..errors import DataError
-from .blocks import PLANS, Tuner
+from .blocks import MEMORY_BUDGET, PLANS, Tuner
 from .graph import attr
 from .schemes import TuneResult, WeightScheme
 from .threads import single_blas_thread
 
 __all__ = ["TuneResult", "WeightScheme", "finetune"]
 
-#: Tuning holds activations of every batch at block boundaries in memory: use at most
-#: this many calibration batches (bias correction and GPTQ statistics converge well before).
-MAX_TUNING_BATCHES = 128
 ADDED_BIAS_SUFFIX = "_xslim_bias"
 
 
@@ -51,24 +46,24 @@ def finetune(
     quantized_tensors: Collection[str],
     weight_schemes: Mapping[str, WeightScheme],
     progress: Callable[[dict], None] | None = None,
+    memory_budget: int = MEMORY_BUDGET,
 ) -> TuneResult:
     """Tune ``model`` (simplified float, opset >= 13) for quantization at ``level`` (0-3).
 
     ``ranges`` are the calibrated activation ranges of ``quantized_tensors``;
     ``weight_schemes`` says how each quantized weight will be quantized. ``progress``
     receives each block record as it is logged (also logged at INFO on
-    ``xslim_ort.tuning``).
+    ``xslim_ort.tuning``). Tuning uses as many calibration batches as ``memory_budget``
+    bytes of held activations allow (between 8 and 128), and logs when that is fewer
+    than the source has.
     """
     if level not in (0, *PLANS):
         raise ValueError(f"finetune level must be 0-{max(PLANS)}, got {level}")
     if level == 0:
         return TuneResult(model=model)
-    data = list(islice(batches(), MAX_TUNING_BATCHES))
-    if not data:
-        raise DataError("finetune needs calibration data, but the calibration source is empty")
     work, added = _with_biases(model, weight_schemes)
     with single_blas_thread():
-        tuner = Tuner(work, data, ranges, quantized_tensors, weight_schemes, progress)
+        tuner = Tuner(work, batches, ranges, quantized_tensors, weight_schemes, progress, memory_budget)
         tuner.tune(PLANS[level])
     return TuneResult(
         model=_drop_zero_biases(tuner.tuned_model(), added),

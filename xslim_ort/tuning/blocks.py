@@ -15,13 +15,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..calibration.batches import BatchSource
+from ..errors import DataError
 from ..qparams import fake_quant_activation
 from .equalize import ChannelStats, apply_scales, chain_scales, find_chains
 from .graph import Block, GraphIndex, attr, partition
@@ -42,6 +45,15 @@ RANGE_SEARCH_BATCHES = 16
 #: Hessian rows gathered per weight column and layer: conv inputs are subsampled to about
 #: this many positions per column, plenty for the estimate and far cheaper than all.
 HESSIAN_SAMPLES_PER_COLUMN = 256
+#: Bytes of activations tuning may hold: it keeps the block-boundary tensors of every
+#: calibration batch it uses, so big inputs (a detector at 640x640) get fewer batches.
+MEMORY_BUDGET = 1 << 30
+#: Batches used whatever the budget: fewer leave bias correction and the held-out checks
+#: too little data.
+MIN_TUNING_BATCHES = 8
+#: Batches used at most: bias correction and GPTQ statistics converge well before, and
+#: time grows with the count.
+MAX_TUNING_BATCHES = 128
 #: Every this-many-th calibration batch is held out: tuning fits on the others, and keeps a
 #: change (or picks a layer's rounding) only if it helps on these.
 HOLD_OUT_EVERY = 4
@@ -67,13 +79,25 @@ PLANS = {
 
 def relative_error(ref: Outputs, test: Outputs, mask: Sequence[bool]) -> float:
     """Noise-to-signal power ratio over all batches and the outputs selected by ``mask``."""
+    return _ratio([p for r, t in zip(ref, test, strict=True) for p in _powers(r, t, mask)])
+
+
+def _powers(ref: list[np.ndarray], test: list[np.ndarray], mask: Sequence[bool]) -> list[tuple[float, float]]:
+    """Noise and signal power of each output of one batch selected by ``mask``."""
+    out = []
+    for r, t, m in zip(ref, test, mask, strict=True):
+        if m:
+            r64 = r.astype(np.float64)
+            out.append((float(np.sum((r64 - t) ** 2)), float(np.sum(r64**2))))
+    return out
+
+
+def _ratio(powers: Iterable[tuple[float, float]]) -> float:
+    """Summed noise over summed signal power (in the order given: the sums are reproducible)."""
     num = den = 0.0
-    for r_batch, t_batch in zip(ref, test, strict=True):
-        for r, t, m in zip(r_batch, t_batch, mask, strict=True):
-            if m:
-                r64 = r.astype(np.float64)
-                num += float(np.sum((r64 - t) ** 2))
-                den += float(np.sum(r64**2))
+    for noise, signal in powers:
+        num += noise
+        den += signal
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return num / den
@@ -105,19 +129,14 @@ class Tuner:
     def __init__(
         self,
         model: onnx.ModelProto,
-        batches: Sequence[Batch],
+        batches: BatchSource,
         ranges: Mapping[str, tuple[float, float]],
         quantized_tensors: Collection[str],
         weight_schemes: Mapping[str, WeightScheme],
         progress: Callable[[dict], None] | None = None,
+        memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.graph = GraphIndex(model)
-        self.batches = list(batches)
-        n = len(self.batches)
-        # Every HOLD_OUT_EVERY-th batch is held out: changes are fitted on the others and
-        # kept only if they help on these (too few batches: both are all of them).
-        self.held_out = [k for k in range(n) if k % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1] or list(range(n))
-        self.fit = [k for k in range(n) if k not in set(self.held_out)] or list(range(n))
         self.quantized = {t for t in quantized_tensors if t in ranges}
         self.ranges = {t: (float(lo), float(hi)) for t, (lo, hi) in ranges.items()}
         self.calibrated = dict(self.ranges)
@@ -146,6 +165,62 @@ class Tuner:
             for t in b.inputs:
                 last[t] = b.index
         self._last_use = last
+        self.batches = self._load(batches, memory_budget)
+        n = len(self.batches)
+        # Every HOLD_OUT_EVERY-th batch is held out: changes are fitted on the others and
+        # kept only if they help on these (too few batches: both are all of them).
+        self.held_out = [k for k in range(n) if k % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1] or list(range(n))
+        self.fit = [k for k in range(n) if k not in set(self.held_out)] or list(range(n))
+
+    # --- data ---------------------------------------------------------------------------
+    def _load(self, source: BatchSource, memory_budget: int) -> list[Batch]:
+        """The calibration batches to tune on: as many as ``memory_budget`` bytes of held
+        activations allow (``batch_bytes`` each), at least ``MIN_TUNING_BATCHES``, at most
+        ``MAX_TUNING_BATCHES``."""
+        stream = source()
+        first = next(stream, None)
+        if first is None:
+            raise DataError("finetune needs calibration data, but the calibration source is empty")
+        self.batches = [first]
+        per_batch = self.batch_bytes()
+        fitting = memory_budget // max(per_batch, 1)
+        count = min(MAX_TUNING_BATCHES, max(MIN_TUNING_BATCHES, fitting))
+        batches = [first, *islice(stream, count - 1)]
+        mib = 2.0**20
+        if fitting < len(batches):
+            logger.warning(
+                "tuning holds %.0f MiB of activations per calibration batch: its minimum of %d batches takes "
+                "%.0f MiB, over the budget of %.0f MiB",
+                per_batch / mib,
+                len(batches),
+                len(batches) * per_batch / mib,
+                memory_budget / mib,
+            )
+        elif fitting < MAX_TUNING_BATCHES and len(batches) == count and next(stream, None) is not None:
+            logger.info(
+                "tuning on the first %d calibration batches: %.0f MiB of activations each, %.0f MiB in all "
+                "(budget %.0f MiB)",
+                count,
+                per_batch / mib,
+                count * per_batch / mib,
+                memory_budget / mib,
+            )
+        return batches
+
+    def batch_bytes(self) -> int:
+        """Bytes of activations tuning holds per calibration batch, at most: the batch, and the
+        float and quantized copy of every block-boundary tensor alive at the widest point of
+        a sweep. Measured by a float sweep over the first of ``self.batches``."""
+        widest = 0
+
+        def visit(block: Block, cf: Cache, cq: Cache) -> tuple[Outputs, Outputs]:
+            nonlocal widest
+            ref = self._run(block, False, list(block.outputs), cf, [0])
+            widest = max(widest, sum(v[0].nbytes for v in cf.values()) + sum(a.nbytes for a in ref[0]))
+            return ref, ref
+
+        self._sweep(visit)
+        return 2 * widest + sum(v.nbytes for v in self.batches[0].values())
 
     # --- bookkeeping -------------------------------------------------------------------
     def _params_of(self, block: Block) -> list[str]:
@@ -437,51 +512,53 @@ class Tuner:
         downstream of it); a block output whose Q/DQ pair is the block's last op is scored
         in NumPy on its value before Q/DQ.
         """
-        outputs = list(block.outputs)
         subset = self.fit[:: max(1, len(self.fit) // RANGE_SEARCH_BATCHES)]
         sess = self._session(block)
         for t in sess.tails:
-            self.ranges[t] = min(self._range_candidates(t), key=self._tail_loss(block, t, cq, ref, subset))
-        last = [t for t in sess.quantized if t not in sess.tails and t in outputs]
+            candidates = self._range_candidates(t)
+            losses = self._tail_losses(block, t, candidates, cq, ref, subset)
+            self.ranges[t] = candidates[int(np.argmin(losses))]
+        last = [t for t in sess.quantized if t not in sess.tails and t in block.outputs]
         if not last:
             return
-        out = self._run(block, True, [t + FLOAT_SUFFIX for t in last], cq, subset)
-        for i, t in enumerate(last):  # the other outputs do not depend on t's range
-            ref_t = [ref[k][outputs.index(t)].astype(np.float64) for k in subset]
-            candidates = self._range_candidates(t)
-            errors = [
-                sum(
-                    float(np.sum(np.square(r - fake_quant_activation(batch[i], *c))))
-                    for r, batch in zip(ref_t, out, strict=True)
-                )
-                for c in candidates
-            ]
-            self.ranges[t] = candidates[int(np.argmin(errors))]
+        candidates = {t: self._range_candidates(t) for t in last}
+        totals = {t: [0.0] * len(candidates[t]) for t in last}
+        params, key, feeds = self._session_args(block, True)
+        for k in subset:  # one batch at a time; the other outputs do not depend on t's range
+            inputs = {**feeds, **{i: cq[i][k] for i in block.inputs}}
+            for t, v in zip(last, sess.run(True, params, key, inputs, [t + FLOAT_SUFFIX for t in last]), strict=True):
+                r = ref[k][block.outputs.index(t)].astype(np.float64)
+                for c, cand in enumerate(candidates[t]):
+                    totals[t][c] += float(np.sum(np.square(r - fake_quant_activation(v, *cand))))
+        for t in last:
+            self.ranges[t] = candidates[t][int(np.argmin(totals[t]))]
 
-    def _tail_loss(
-        self, block: Block, tensor: str, cq: Cache, ref: Outputs, subset: Sequence[int]
-    ) -> Callable[[tuple[float, float]], float]:
-        """The block's output loss on ``subset`` as a function of ``tensor``'s range: one run of
-        the block up to ``tensor``, then only its tail (the nodes downstream) per range."""
+    def _tail_losses(
+        self,
+        block: Block,
+        tensor: str,
+        candidates: Sequence[tuple[float, float]],
+        cq: Cache,
+        ref: Outputs,
+        subset: Sequence[int],
+    ) -> list[float]:
+        """The block's output loss on ``subset`` for each candidate range of ``tensor``. Each
+        batch runs the block up to ``tensor`` once, then only the tail (the nodes downstream)
+        per candidate, and is dropped: memory does not grow with the batches or candidates."""
         sess = self._session(block)
         tail = sess.tails[tensor]
-        outputs = list(block.outputs)
         head_names = [tensor + FLOAT_SUFFIX, *tail.upstream]
-        heads = self._run(block, True, head_names, cq, subset)
-        tail_ref = [[ref[k][outputs.index(o)] for o in tail.outputs] for k in subset]
-        tail_mask = [self.graph.is_float(o) for o in tail.outputs]
-
-        def loss(rng: tuple[float, float]) -> float:
-            self.ranges[tensor] = rng
-            params, key, feeds = self._session_args(block, True)
-            outs = []
-            for k, head in zip(subset, heads, strict=True):
-                feeds.update({i: cq[i][k] for i in block.inputs})
-                feeds.update(zip(head_names, head, strict=True))
-                outs.append(sess.run_tail(tensor, params, key, feeds))
-            return relative_error(tail_ref, outs, tail_mask)
-
-        return loss
+        mask = [self.graph.is_float(o) for o in tail.outputs]
+        params, key, feeds = self._session_args(block, True)
+        ranges = [scale_zp_feeds(tensor, rng) for rng in candidates]
+        powers: list[list[tuple[float, float]]] = [[] for _ in candidates]
+        for k in subset:
+            inputs = {**feeds, **{i: cq[i][k] for i in block.inputs}}
+            heads = dict(zip(head_names, sess.run(True, params, key, inputs, head_names), strict=True))
+            refs = [ref[k][block.outputs.index(o)] for o in tail.outputs]
+            for p, rng in zip(powers, ranges, strict=True):
+                p.extend(_powers(refs, sess.run_tail(tensor, params, key, {**inputs, **heads, **rng}), mask))
+        return [_ratio(p) for p in powers]
 
     def _range_candidates(self, tensor: str) -> list[tuple[float, float]]:
         """The current range, then ``RANGE_FACTORS`` times it within the clip bounds, less
