@@ -341,7 +341,13 @@ def test_levels_improve_the_quantized_output_and_keep_the_format(residual, caplo
     for name in tuned.frozen_weights:
         np.testing.assert_array_equal(schemes[name].fake_quant(inits[name]), inits[name])
     assert records == tuned.log
-    assert {r["step"] for r in records} == {"bias_correction", "reconstruction"}
+    steps: dict[int, list[tuple[str, bool]]] = {}
+    for r in records:
+        steps.setdefault(r["index"], []).append((r["step"], r["kept"]))
+    for block_steps in steps.values():  # GPTQ fits the biases it rounds: correction only if it is rolled back
+        (first, kept), *rest = block_steps
+        assert first == "reconstruction"
+        assert [step for step, _ in rest] == ([] if kept else ["bias_correction", "range_search"])
     assert all(r["loss_after"] < r["loss_before"] for r in records if r["kept"])
     assert "reconstruction" in caplog.text
 

@@ -392,7 +392,9 @@ class Tuner:
     # --- the main pass ---------------------------------------------------------------------------
     def tune(self, plan: Plan) -> None:
         """Equalization, then bias correction of every block and reconstruction of the
-        selected ones."""
+        selected ones. A block to reconstruct is reconstructed first: GPTQ fits the biases
+        of the layers it rounds from the float ones, so correcting them before is wasted
+        unless the reconstruction is rolled back."""
         local = self.survey(rank=any((plan.range_blocks, plan.rounded_blocks)))
         order = sorted(local, key=lambda i: -local[i]) if local else [b.index for b in self.blocks]
         range_set = set(order if plan.range_blocks is None else order[: plan.range_blocks])
@@ -409,13 +411,17 @@ class Tuner:
             fout = self._run(block, False, [*outs, *(L.output + "__cmean" for L in layers)], cf)
             ref = [batch[:n_out] for batch in fout]
             loss = self._held_out_loss(block, ref, cq)
+            f_means = {L.output: np.concatenate([fout[k][n_out + j] for k in self.fit]) for j, L in enumerate(layers)}
+            search = block.index in range_set
+            if block.index in round_set:
+                start = loss
+                loss = self._reconstruct(block, cf, cq, ref, loss, plan.iterations, True, search)
+                if loss < start:  # kept: GPTQ fitted the biases of the layers it rounded, and searched the ranges
+                    layers, search = [L for L in layers if not L.row_quantization()], False
             if layers:
-                f_means = [np.concatenate([fout[k][n_out + j] for k in self.fit]) for j in range(len(layers))]
-                loss = self._bias_correct(block, cq, ref, loss, layers, f_means)
-            if block.index in range_set | round_set:
-                loss = self._reconstruct(
-                    block, cf, cq, ref, loss, plan.iterations, block.index in round_set, block.index in range_set
-                )
+                loss = self._bias_correct(block, cq, ref, loss, layers, [f_means[L.output] for L in layers])
+            if search:
+                loss = self._reconstruct(block, cf, cq, ref, loss, plan.iterations, False, True)
             if block.index == len(self.blocks) - 1:  # no block reads the last one's outputs
                 return ref, ref
             held = dict(zip(self.held_out, self._held_quant, strict=True))  # the block as it is now
