@@ -166,8 +166,8 @@ def test_equalization_is_exact_and_evens_out_channels(depthwise):
     tensors = ["x", "a1", "y"]
     ranges = minmax(model, tensors, batches)
     assert len(find_chains(GraphIndex(model), schemes, set(tensors))) == 1
-    tuner = Tuner(model, source_from_batches(batches), ranges, tensors, schemes)
-    tuner.survey(rank=False)
+    with Tuner(model, source_from_batches(batches), ranges, tensors, schemes) as tuner:
+        tuner.survey(rank=False)
     result = TuneResult(tuner.tuned_model(), tuner.range_overrides())
     held_out = images(8, (1, 3, 8, 8), seed=2)  # exact everywhere, not only on calibration data
     np.testing.assert_allclose(run(result.model, held_out)[0], run(model, held_out)[0], rtol=1e-5, atol=1e-5)
@@ -456,8 +456,10 @@ def test_memory_budget_sets_the_number_of_batches(residual, caplog):
     counts, messages = [], []
     for budget in (20 * per_batch + per_batch - 1, 3 * per_batch, 100 * per_batch):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="xslim_ort.tuning"):
-            tuner = Tuner(model, source_from_batches(batches), ranges, RESIDUAL_Q, schemes, memory_budget=budget)
+        with (
+            caplog.at_level(logging.INFO, logger="xslim_ort.tuning"),
+            Tuner(model, source_from_batches(batches), ranges, RESIDUAL_Q, schemes, memory_budget=budget) as tuner,
+        ):
             assert tuner.batch_bytes() == per_batch
             counts.append(len(tuner.batches))
             messages.append([(r.levelname, r.getMessage()) for r in caplog.records])
@@ -510,18 +512,18 @@ def test_mobilenet_v2_levels(zoo):
 def test_block_tails_reproduce_the_block(residual):
     """Re-running only the nodes after a quantized tensor gives the block's own outputs."""
     model, schemes, batches, ranges = residual
-    tuner = Tuner(model, source_from_batches(batches[:4]), ranges, RESIDUAL_Q, schemes)
-    cache = {"x": [b["x"] for b in tuner.batches]}
-    block = tuner.blocks[0]
-    sess = tuner._session(block)
-    assert set(sess.tails) == {"ra0", "cb0"}  # s0 ends the block: it needs no tail
-    params, key, feeds = tuner._session_args(block, True)
-    heads = [t + "__float" for t in sess.tails]
-    full = tuner._run(block, True, [*block.outputs, *heads, "ra0"], cache)
-    for k, batch in enumerate(full):
-        values = dict(zip([*block.outputs, *heads, "ra0"], batch, strict=True))
-        for t, tail in sess.tails.items():
-            feeds.update({"x": cache["x"][k], t + "__float": values[t + "__float"]})
-            feeds.update({u: values[u] for u in tail.upstream})
-            for name, value in zip(tail.outputs, sess.run_tail(t, params, key, feeds), strict=True):
-                np.testing.assert_array_equal(value, values[name])
+    with Tuner(model, source_from_batches(batches[:4]), ranges, RESIDUAL_Q, schemes) as tuner:
+        cache = {"x": [b["x"] for b in tuner.batches]}
+        block = tuner.blocks[0]
+        sess = tuner._session(block)
+        assert set(sess.tails) == {"ra0", "cb0"}  # s0 ends the block: it needs no tail
+        params, key, feeds = tuner._session_args(block, True)
+        heads = [t + "__float" for t in sess.tails]
+        full = tuner._run(block, True, [*block.outputs, *heads, "ra0"], cache)
+        for k, batch in enumerate(full):
+            values = dict(zip([*block.outputs, *heads, "ra0"], batch, strict=True))
+            for t, tail in sess.tails.items():
+                feeds.update({"x": cache["x"][k], t + "__float": values[t + "__float"]})
+                feeds.update({u: values[u] for u in tail.upstream})
+                for name, value in zip(tail.outputs, sess.run_tail(t, params, key, feeds), strict=True):
+                    np.testing.assert_array_equal(value, values[name])

@@ -62,8 +62,10 @@ def finetune(
     if level == 0:
         return TuneResult(model=model)
     work, added = _with_biases(model, weight_schemes)
-    with single_blas_thread():
-        tuner = Tuner(work, batches, ranges, quantized_tensors, weight_schemes, progress, memory_budget)
+    with (
+        single_blas_thread(),
+        Tuner(work, batches, ranges, quantized_tensors, weight_schemes, progress, memory_budget) as tuner,
+    ):
         tuner.tune(PLANS[level])
     return TuneResult(
         model=_drop_zero_biases(tuner.tuned_model(), added),

@@ -15,9 +15,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -35,6 +38,7 @@ from .simulate import FLOAT_SUFFIX, BlockSessions, scale_zp_feeds
 logger = logging.getLogger("xslim_ort.tuning")
 
 Batch = dict[str, np.ndarray]
+T = TypeVar("T")
 Outputs = list[list[np.ndarray]]  # per batch, one array per requested output
 Cache = dict[str, list[np.ndarray]]  # tensor -> one array per batch
 
@@ -54,6 +58,10 @@ MIN_TUNING_BATCHES = 8
 #: Batches used at most: bias correction and GPTQ statistics converge well before, and
 #: time grows with the count.
 MAX_TUNING_BATCHES = 128
+#: Threads running block sessions on different batches at once. Each run keeps ONNX
+#: Runtime's single thread, so results do not depend on them; two cores are what the
+#: finetune levels' time bound is set on, and level 0's calibration uses both too.
+RUN_WORKERS = 2
 #: Every this-many-th calibration batch is held out: tuning fits on the others, and keeps a
 #: change (or picks a layer's rounding) only if it helps on these.
 HOLD_OUT_EVERY = 4
@@ -124,7 +132,10 @@ def shrunk_mean(d: np.ndarray) -> np.ndarray:
 
 
 class Tuner:
-    """Holds the model being tuned and runs the passes of one finetune level."""
+    """Holds the model being tuned and runs the passes of one finetune level.
+
+    A context manager: leaving it stops the threads that run the block sessions.
+    """
 
     def __init__(
         self,
@@ -159,6 +170,7 @@ class Tuner:
         self._float_version = 0
         self._sessions: dict[int, BlockSessions] = {}
         self._held_quant: Outputs = []  # the current block's quantized outputs on the held-out batches
+        self._pool = ThreadPoolExecutor(RUN_WORKERS, thread_name_prefix="xslim-tune")
         self._equalized: set[str] = set()
         last: dict[str, int] = {}
         for b in self.blocks:
@@ -171,6 +183,12 @@ class Tuner:
         # kept only if they help on these (too few batches: both are all of them).
         self.held_out = [k for k in range(n) if k % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1] or list(range(n))
         self.fit = [k for k in range(n) if k not in set(self.held_out)] or list(range(n))
+
+    def __enter__(self) -> Tuner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown()
 
     # --- data ---------------------------------------------------------------------------
     def _load(self, source: BatchSource, memory_budget: int) -> list[Batch]:
@@ -263,10 +281,27 @@ class Tuner:
         sess = self._session(block)
         params, key, feeds = self._session_args(block, quant)
         computed = [t for t in outputs if t not in block.inputs]
-        for k in range(len(self.batches)) if subset is None else subset:
-            feeds.update({t: cache[t][k] for t in block.inputs})
-            values = dict(zip(computed, sess.run(quant, params, key, feeds, computed), strict=True)) if computed else {}
-            yield [values[t] if t in values else cache[t][k] for t in outputs]
+
+        def run(k: int) -> list[np.ndarray]:
+            values = {}
+            if computed:
+                outs = sess.run(quant, params, key, {**feeds, **{t: cache[t][k] for t in block.inputs}}, computed)
+                values = dict(zip(computed, outs, strict=True))
+            return [values[t] if t in values else cache[t][k] for t in outputs]
+
+        yield from self._ordered(run, range(len(self.batches)) if subset is None else subset)
+
+    def _ordered(self, fn: Callable[[int], T], items: Iterable[int]) -> Iterator[T]:
+        """``fn`` over ``items`` on the worker threads, yielded in order. At most two calls
+        per worker run ahead of the consumer, so memory stays that of a few batches."""
+        todo = iter(items)
+        pending: deque[Future[T]] = deque(self._pool.submit(fn, k) for k in islice(todo, 2 * RUN_WORKERS))
+        while pending:
+            result = pending.popleft().result()
+            k = next(todo, None)
+            if k is not None:
+                pending.append(self._pool.submit(fn, k))
+            yield result
 
     def _session_args(self, block: Block, quant: bool) -> tuple[Mapping[str, np.ndarray], tuple, dict]:
         """Parameter values, their version key, and the Q/DQ range feeds for a block run."""
@@ -530,12 +565,19 @@ class Tuner:
         candidates = {t: self._range_candidates(t) for t in last}
         totals = {t: [0.0] * len(candidates[t]) for t in last}
         params, key, feeds = self._session_args(block, True)
-        for k in subset:  # one batch at a time; the other outputs do not depend on t's range
+
+        def errors(k: int) -> list[list[float]]:  # per tensor and candidate, for one batch
             inputs = {**feeds, **{i: cq[i][k] for i in block.inputs}}
-            for t, v in zip(last, sess.run(True, params, key, inputs, [t + FLOAT_SUFFIX for t in last]), strict=True):
-                r = ref[k][block.outputs.index(t)].astype(np.float64)
-                for c, cand in enumerate(candidates[t]):
-                    totals[t][c] += float(np.sum(np.square(r - fake_quant_activation(v, *cand))))
+            values = sess.run(True, params, key, inputs, [t + FLOAT_SUFFIX for t in last])
+            refs = [ref[k][block.outputs.index(t)].astype(np.float64) for t in last]
+            return [
+                [float(np.sum(np.square(r - fake_quant_activation(v, *cand)))) for cand in candidates[t]]
+                for t, r, v in zip(last, refs, values, strict=True)
+            ]
+
+        for batch in self._ordered(errors, subset):  # the other outputs do not depend on t's range
+            for t, e in zip(last, batch, strict=True):
+                totals[t] = [a + b for a, b in zip(totals[t], e, strict=True)]
         for t in last:
             self.ranges[t] = candidates[t][int(np.argmin(totals[t]))]
 
@@ -557,13 +599,19 @@ class Tuner:
         mask = [self.graph.is_float(o) for o in tail.outputs]
         params, key, feeds = self._session_args(block, True)
         ranges = [scale_zp_feeds(tensor, rng) for rng in candidates]
-        powers: list[list[tuple[float, float]]] = [[] for _ in candidates]
-        for k in subset:
+
+        def batch_powers(k: int) -> list[list[tuple[float, float]]]:  # per candidate, for one batch
             inputs = {**feeds, **{i: cq[i][k] for i in block.inputs}}
             heads = dict(zip(head_names, sess.run(True, params, key, inputs, head_names), strict=True))
             refs = [ref[k][block.outputs.index(o)] for o in tail.outputs]
-            for p, rng in zip(powers, ranges, strict=True):
-                p.extend(_powers(refs, sess.run_tail(tensor, params, key, {**inputs, **heads, **rng}), mask))
+            return [
+                _powers(refs, sess.run_tail(tensor, params, key, {**inputs, **heads, **rng}), mask) for rng in ranges
+            ]
+
+        powers: list[list[tuple[float, float]]] = [[] for _ in candidates]
+        for batch in self._ordered(batch_powers, subset):
+            for p, b in zip(powers, batch, strict=True):
+                p.extend(b)
         return [_ratio(p) for p in powers]
 
     def _range_candidates(self, tensor: str) -> list[tuple[float, float]]:

@@ -13,6 +13,7 @@ DequantizeLinear writes ``t``, so consumers and graph outputs are untouched.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -172,6 +173,7 @@ class BlockSessions:
         }
         self._templates: dict[object, onnx.ModelProto] = {}
         self._sessions: dict[object, tuple[object, ort.InferenceSession, list[str]]] = {}
+        self._lock = threading.Lock()  # runs come from several threads: build each session once
 
     def reduced(self, tensor: str) -> bool:
         """Whether sessions can output ``tensor``'s per-channel statistics."""
@@ -312,15 +314,16 @@ class BlockSessions:
         feeds: Mapping[str, np.ndarray],
         outputs: list[str],
     ) -> list[np.ndarray]:
-        cached = self._sessions.get(which)
-        if cached is None or cached[0] != key:
-            model = onnx.ModelProto()
-            model.CopyFrom(self._template(which))
-            used = {i for node in model.graph.node for i in node.input}
-            model.graph.initializer.extend(numpy_helper.from_array(params[p], p) for p in self.params if p in used)
-            sess = make_session(model, optimize=True)
-            cached = (key, sess, [i.name for i in sess.get_inputs()])
-            self._sessions[which] = cached
+        with self._lock:
+            cached = self._sessions.get(which)
+            if cached is None or cached[0] != key:
+                model = onnx.ModelProto()
+                model.CopyFrom(self._template(which))
+                used = {i for node in model.graph.node for i in node.input}
+                model.graph.initializer.extend(numpy_helper.from_array(params[p], p) for p in self.params if p in used)
+                sess = make_session(model, optimize=True)
+                cached = (key, sess, [i.name for i in sess.get_inputs()])
+                self._sessions[which] = cached
         _, sess, names = cached
         return sess.run(outputs, {n: feeds[n] for n in names})
 
