@@ -140,7 +140,7 @@ class Layer:
         kernel = self.kernel
         eff = [(k - 1) * d + 1 for k, d in zip(kernel, self.dilations, strict=True)]
         pads = self._pads(x.shape[2:], eff)
-        xp = np.pad(x, [(0, 0), (0, 0), *((pads[i], pads[i + nd]) for i in range(nd))])
+        xp = np.pad(x, [(0, 0), (0, 0), *((pads[i], pads[i + nd]) for i in range(nd))]) if any(pads) else x
         win = sliding_window_view(xp, eff, axis=tuple(range(2, 2 + nd)))
         win = win[
             (
