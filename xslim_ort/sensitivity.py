@@ -4,18 +4,19 @@ Sensitivity is measured, not guessed. The fully quantized model is rewritten onc
 *switchable* model: after every DequantizeLinear sits ``Where(flag, dequantized, float)``
 with ``flag`` a boolean graph input, so any subset of tensors can be quantized in one ORT
 session without re-quantizing or rebuilding. Each candidate (a tensor, with the tensors
-that share its scale, or a weight) is quantized alone to rank them; then the most
-sensitive are kept float, one at a time, while each buys at least ``MIN_GAIN_DB`` of
-output SQNR and the compute ops they turn float stay within the budget (a fifth of the
-compute ops at level 1, a third at level 2, on top of level 2's fixed float set).
+that share its scale, or a weight) is quantized alone to rank them; then the worst are
+kept float greedily, best gain per compute op turned float first, while each buys at
+least ``MIN_GAIN_DB`` of output SQNR and within a budget of compute ops (a fifth of them
+at level 1, a third at level 2, on top of level 2's fixed float set).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import onnx
@@ -29,9 +30,9 @@ log = logging.getLogger("xslim_ort")
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Keeping k more ops float must buy at least this much output SQNR to be worth it.
-MIN_GAIN_DB = 0.1
-# Give up after this many candidates in a row that bring less than MIN_GAIN_DB.
-PATIENCE = 8
+MIN_GAIN_DB = 0.05
+# Candidates measured per greedy step, the worst (quantized alone) first.
+SHORTLIST = 8
 BUDGET_FRACTION = {1: 0.2, 2: 1.0 / 3.0}
 
 
@@ -187,13 +188,6 @@ def _compute_consumers(model: onnx.ModelProto, tensors: Collection[str]) -> set[
     return {n.name for n in model.graph.node if n.op_type in COMPUTE_OPS and wanted.intersection(n.input)}
 
 
-def _take(source: BatchSource, n: int) -> Iterator[dict[str, np.ndarray]]:
-    for i, batch in enumerate(source()):
-        if i >= n:
-            return
-        yield batch
-
-
 def select_float_tensors(
     float_model: onnx.ModelProto,
     qmodel: onnx.ModelProto,
@@ -207,45 +201,54 @@ def select_float_tensors(
 ) -> SensitivityResult:
     """Rank tensors by output error when quantized alone; keep the worst float while it pays.
 
-    Greedy over that ranking: a candidate is kept float only if the whole model's output
-    SQNR improves by at least ``MIN_GAIN_DB``; the compute ops it turns float count against
-    the level's budget. The search stops after ``PATIENCE`` candidates in a row bring
-    nothing.
+    Greedy: each step measures the ``SHORTLIST`` worst affordable candidates on top of
+    what is already float and keeps the one with the best gain per compute op it turns
+    float (a residual sum or a matmul's output costs none), as long as it buys at least
+    ``MIN_GAIN_DB`` of output SQNR. Measuring on top of the current choice matters:
+    errors of neighbouring tensors overlap, and going down the isolated ranking spent
+    the budget on tensors whose gain had gone.
     """
     result = SensitivityResult(level=level, float_nodes=dict(fixed_float or {}))
-    batches = list(_take(source, max_samples))
+    batches = list(islice(source(), max_samples))
     sw = SwitchableModel(qmodel, float_model)
     all_flags = set(sw.flags)
     groups = tensor_groups(float_model, target, all_flags)
     reference = sw.run(batches, ())
-    rank_batches, rank_ref = batches[:rank_samples], [r[:rank_samples] for r in reference]
+    rank_batches = batches[:rank_samples]
+    rank_ref = sw.run(rank_batches, ())  # outputs need not have one row per batch
     isolated = {g: _noise_ratio(rank_ref, sw.run(rank_batches, ts)) for g, ts in groups.items()}
     result.isolated_sqnr_db = {g: _db(r) for g, r in isolated.items()}
     ranked = sorted(isolated, key=lambda g: (-isolated[g], g))
-
+    costs = {g: _compute_consumers(float_model, groups[g]) for g in groups}
     n_compute = sum(n.op_type in COMPUTE_OPS for n in float_model.graph.node)
     budget = max(1, int(n_compute * BUDGET_FRACTION[level]))
+
     floated: list[str] = []
     spent: set[str] = set()
-    best = _db(_noise_ratio(reference, sw.run(batches, all_flags)))
-    result.curve = [(0, best)]
-    misses = 0
-    for g in ranked:
-        cost = _compute_consumers(float_model, groups[g]) | spent
-        if len(cost) > budget:
-            continue
-        quantized = all_flags.difference(*(groups[f] for f in (*floated, g)))
-        sqnr = _db(_noise_ratio(reference, sw.run(batches, quantized)))
-        if sqnr >= best + MIN_GAIN_DB:
-            floated.append(g)
-            spent = cost
-            best = sqnr
-            result.curve.append((len(floated), sqnr))
-            misses = 0
-        else:
-            misses += 1
-            if misses >= PATIENCE:
-                break
+
+    def sqnr_with(extra: str) -> float:
+        return _db(
+            _noise_ratio(reference, sw.run(batches, all_flags.difference(*(groups[f] for f in (*floated, extra)))))
+        )
+
+    def keep(g: str, sqnr: float) -> None:
+        floated.append(g)
+        spent.update(costs[g])
+        result.curve.append((len(floated), sqnr))
+
+    result.curve = [(0, _db(_noise_ratio(reference, sw.run(batches, all_flags))))]
+    while True:
+        shortlist = [g for g in ranked if g not in floated and len(costs[g] | spent) <= budget][:SHORTLIST]
+        best: tuple[float, str, float] | None = None
+        for g in shortlist:
+            sqnr = sqnr_with(g)
+            gain = sqnr - result.curve[-1][1]
+            per_op = gain / (len(costs[g] - spent) + 0.5)
+            if gain >= MIN_GAIN_DB and (best is None or per_op > best[0]):
+                best = (per_op, g, sqnr)
+        if best is None:
+            break
+        keep(best[1], best[2])
     for rank, g in enumerate(ranked, start=1):
         if g in floated:
             for t in groups[g]:
@@ -261,7 +264,7 @@ def select_float_tensors(
         len(spent),
         n_compute,
         result.curve[0][1],
-        best,
+        result.curve[-1][1],
     )
     return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection
+from itertools import islice
 from pathlib import Path
 
 import onnx
@@ -24,6 +25,8 @@ from .regions import excluded_nodes, tensor_methods
 from .sensitivity import dequantize_tensors, level2_float_nodes, select_float_tensors
 
 log = logging.getLogger("xslim_ort")
+
+SMOOTHING_BATCHES = 8  # calibration batches whose activations choose smoothing and weight clipping
 
 
 def check_static_inputs(config: Config) -> None:
@@ -66,6 +69,10 @@ def quantize_with_source(
     cfg = job.config
     cp, qp = cfg.calibration_parameters, cfg.quantization_parameters
     excluded = excluded_nodes(model, cfg, job.target) | set(extra_excluded)
+    float_model = model  # what the analysis compares against: the user's function, unsmoothed
+    if qp.finetune_level >= 1:
+        model = condition_matmuls(job, model, source, excluded)
+        excluded = excluded_nodes(model, cfg, job.target) | set(extra_excluded)
     tensors = activations_to_calibrate(model, job.target, excluded)
     if not tensors:
         log.warning("the model has no op the '%s' target quantizes; it is written unquantized", job.target.name)
@@ -104,6 +111,7 @@ def quantize_with_source(
         fixed, float_tensors = choose_float(job, model, ranges, source, excluded)
         excluded |= set(fixed)
         float_kept = {**fixed, **float_tensors}
+        tensors = activations_to_calibrate(model, job.target, excluded)  # tuning simulates only these
 
     def build(m: onnx.ModelProto, r: dict[str, tuple[float, float]]) -> onnx.ModelProto:
         q = TargetQuantizer(m, job.target, r, nodes_to_exclude=excluded, bias=qp.bias_mode).quantize_model()
@@ -131,7 +139,7 @@ def quantize_with_source(
                 after,
             )
     if qp.analysis_enable:  # against the user's float model, not the tuned one
-        write_analysis(job, model, qmodel, source, float_kept)
+        write_analysis(job, float_model, qmodel, source, float_kept)
     return qmodel
 
 
@@ -187,6 +195,31 @@ def tune(
             progress=lambda record: advance(1),
         )
     return result.model, {**ranges, **result.range_overrides}
+
+
+def condition_matmuls(job: Job, model: onnx.ModelProto, source: BatchSource, excluded: set[str]) -> onnx.ModelProto:
+    """finetune_level >= 1: smooth matmul inputs into their weights, then clip per-tensor weights.
+
+    Both are measured on a few calibration batches and kept only where the matmul's output
+    error goes down; smoothing is exact in float, clipping changes only outlier weights.
+    """
+    from .tuning.clip import clip_weights
+    from .tuning.schemes import WeightScheme
+    from .tuning.smooth import smooth_model
+
+    if needs_external_data(model):
+        log.info("activation smoothing and weight clipping skipped: the model is too large to probe in memory")
+        return model
+
+    def schemes(m: onnx.ModelProto) -> dict[str, WeightScheme]:
+        return {n: WeightScheme(axis=a, power_of_two=p) for n, (a, p) in weight_rules(m, job.target, excluded).items()}
+
+    batches = list(islice(source(), SMOOTHING_BATCHES))
+    model, smoothed = smooth_model(model, batches, schemes(model), excluded)
+    model, clipped = clip_weights(model, batches, schemes(model), excluded)
+    if smoothed or clipped:
+        log.info("%d matmul input(s) smoothed into their weights, %d weight(s) clipped", smoothed, clipped)
+    return model
 
 
 def choose_float(
