@@ -243,3 +243,32 @@ def test_precision_level_1_on_outputs_with_many_rows_per_batch(encoder_setup, tm
     q1, sqnr1 = _int8_sqnr(cfg_path, model_path, 0, tmp_path)
     assert check_model(q1, SPACEMIT).errors == []
     assert sqnr1 > 11.2 + 3.0  # level 0 at finetune 0 measured 11.2 dB: level 1 keeps the worst tensors float
+
+
+def test_blocks_split_along_a_float_residual_stream():
+    """Level 2 keeps residual sums float: tuning must still cut between layers, not run one huge block."""
+    from xslim_ort.tuning.graph import GraphIndex, partition
+
+    rng = np.random.default_rng(4)
+    nodes, inits, x = [], [], "x"
+    for i in range(6):
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (WIDTH, WIDTH)).astype(np.float32), f"w{i}"))
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=f"fc{i}"),
+            helper.make_node("Add", [x, f"h{i}"], [f"r{i}"], name=f"add{i}"),
+        ]
+        x = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "residual_stack",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [TOKENS, WIDTH])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [TOKENS, WIDTH])],
+        inits,
+    )
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    schemes = {f"w{i}": WeightScheme(axis=None, power_of_two=True) for i in range(6)}
+    # only the first residual sum is int8: before, the five layers after it made one block
+    float_stream = partition(GraphIndex(model), {"r0", *(f"h{i}" for i in range(6))}, schemes)
+    assert [b.layers for b in float_stream] == [(0, 2, 4), (6, 8, 10)]
+    int8_stream = partition(GraphIndex(model), {"x", *(f"r{i}" for i in range(6))}, schemes)
+    assert [b.layers for b in int8_stream] == [(0, 2, 4), (6, 8, 10)]

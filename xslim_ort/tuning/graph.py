@@ -9,6 +9,7 @@ residual units); blocks hold at most ``MAX_LAYERS_PER_BLOCK`` weighted layers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -166,14 +167,21 @@ def partition(
     live_at: list[list[str]] = []
     for k in range(len(order) - 1):
         live_at.append([t for t, d in first_def.items() if d <= k < last_use.get(t, -2) and t not in side])
+    layer_ids = {n for n in order if graph.layer_weight(n, schemes) is not None}
     cuts: list[int] = []
     if live_at:
         narrowest = min(len(live) for live in live_at)
         candidates = [k for k, live in enumerate(live_at) if len(live) == narrowest]
         preferred = [k for k in candidates if all(t in quantized_tensors for t in live_at[k])]
-        cuts = preferred or candidates
-
-    layer_ids = {n for n in order if graph.layer_weight(n, schemes) is not None}
+        cuts = list(preferred or candidates)
+        # Where a stretch between preferred cuts holds too many layers (a transformer whose
+        # residual stream stays float), cut it at its narrow float points too: one block
+        # for the whole model makes tuning slow and useless.
+        bounds = [-1, *preferred, len(order) - 1]
+        for a, b in itertools.pairwise(bounds):
+            if sum(order[j] in layer_ids for j in range(a + 1, b + 1)) > max_layers:
+                cuts.extend(k for k in candidates if a < k < b)
+        cuts = sorted(set(cuts))
     # Pieces longer than max_layers (a U-Net's long skips keep the graph wide) are split
     # further wherever every live tensor carries a Q/DQ pair: a block may then have
     # several inputs, but tuning stays linear in the model size.
