@@ -31,7 +31,7 @@ from ..errors import DataError
 from ..qparams import fake_quant_activation
 from .equalize import ChannelStats, apply_scales, chain_scales, find_chains
 from .graph import Block, GraphIndex, attr, partition
-from .rounding import InputStats, Layer, choose_rounding, grid_weight
+from .rounding import InputProducts, InputStats, Layer, choose_rounding, grid_weight
 from .schemes import WeightScheme
 from .simulate import FLOAT_SUFFIX, BlockSessions, scale_zp_feeds
 
@@ -278,16 +278,29 @@ class Tuner:
     ) -> Iterator[list[np.ndarray]]:
         """``_run`` one batch at a time, for outputs too large to hold for every batch. Block
         inputs asked for come from ``cache``, with no run."""
+        return self._map(block, quant, outputs, cache, lambda k, values: values, subset)
+
+    def _map(
+        self,
+        block: Block,
+        quant: bool,
+        outputs: list[str],
+        cache: Cache,
+        fn: Callable[[int, list[np.ndarray]], T],
+        subset: Sequence[int] | None = None,
+    ) -> Iterator[T]:
+        """``fn(k, outputs of batch k)`` for each batch, in order, computed on the worker
+        threads with the run: NumPy work on big outputs (patches, products) goes there too."""
         sess = self._session(block)
         params, key, feeds = self._session_args(block, quant)
         computed = [t for t in outputs if t not in block.inputs]
 
-        def run(k: int) -> list[np.ndarray]:
+        def run(k: int) -> T:
             values = {}
             if computed:
                 outs = sess.run(quant, params, key, {**feeds, **{t: cache[t][k] for t in block.inputs}}, computed)
                 values = dict(zip(computed, outs, strict=True))
-            return [values[t] if t in values else cache[t][k] for t in outputs]
+            return fn(k, [values[t] if t in values else cache[t][k] for t in outputs])
 
         yield from self._ordered(run, range(len(self.batches)) if subset is None else subset)
 
@@ -649,11 +662,16 @@ class Tuner:
         """Per layer, per batch, the (subsampled) patches of the float block's layer input:
         they do not change while the block is tuned, so one float pass serves every round."""
         inputs = [self.graph.nodes[L.node_id].input[0] for L in layers]
+        positions = [self._positions(L) for L in layers]
         patches: list[list[np.ndarray]] = [[] for _ in layers]
         if layers:
-            for batch in self._stream(block, False, inputs, cf):
-                for j, (L, x) in enumerate(zip(layers, batch, strict=True)):
-                    patches[j].append(L.patches(x, self._positions(L)))
+
+            def extract(k: int, values: list[np.ndarray]) -> list[np.ndarray]:
+                return [L.patches(x, n) for L, x, n in zip(layers, values, positions, strict=True)]
+
+            for batch in self._map(block, False, inputs, cf, extract):
+                for j, p in enumerate(batch):
+                    patches[j].append(p)
         return patches
 
     def _round_layer(self, block: Block, layer: Layer, float_patches: list[np.ndarray], cq: Cache) -> None:
@@ -663,8 +681,13 @@ class Tuner:
         fit, held_out = (InputStats(rows.shape[0], rows.shape[2]) for _ in range(2))
         held = set(self.held_out) if self.held_out != self.fit else set()
         inp = self.graph.nodes[layer.node_id].input[0]
-        for k, (xq,) in enumerate(self._stream(block, True, [inp], cq)):
-            (held_out if k in held else fit).add(float_patches[k], layer.patches(xq, self._positions(layer)))
+        positions = self._positions(layer)
+
+        def products(k: int, values: list[np.ndarray]) -> InputProducts:
+            return InputStats.products(float_patches[k], layer.patches(values[0], positions))
+
+        for k, prod in enumerate(self._map(block, True, [inp], cq, products)):
+            (held_out if k in held else fit).accumulate(prod)
         b = self.float_params[layer.bias] if layer.bias else None
         r = choose_rounding(
             rows,

@@ -180,6 +180,18 @@ def _str(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+@dataclass(frozen=True)
+class InputProducts:
+    """One batch's share of ``InputStats``: ``Xq^T Xq``, ``Xf^T Xq``, the column sums of
+    ``Xq`` and ``Xf``, and the number of positions."""
+
+    qq: np.ndarray
+    fq: np.ndarray
+    sq: np.ndarray
+    sf: np.ndarray
+    count: int
+
+
 class InputStats:
     """Sums over calibration positions of the augmented inputs ``[x, 1]`` of one layer:
     ``h = Xq^T Xq`` (quantized inputs) and ``c = Xf^T Xq`` (float against quantized)."""
@@ -191,17 +203,26 @@ class InputStats:
 
     def add(self, xf: np.ndarray, xq: np.ndarray) -> None:
         """``xf``, ``xq``: ``[groups, positions, cols]`` patches of the same samples."""
-        d = xq.shape[2]
-        self.h[:, :d, :d] += xq.transpose(0, 2, 1) @ xq
-        self.c[:, :d, :d] += xf.transpose(0, 2, 1) @ xq
-        sq, sf = xq.sum(axis=1), xf.sum(axis=1)
-        self.h[:, :d, d] += sq
-        self.h[:, d, :d] += sq
-        self.c[:, :d, d] += sf
-        self.c[:, d, :d] += sq
-        self.h[:, d, d] += xq.shape[1]
-        self.c[:, d, d] += xq.shape[1]
-        self.count += xq.shape[1]
+        self.accumulate(self.products(xf, xq))
+
+    @staticmethod
+    def products(xf: np.ndarray, xq: np.ndarray) -> InputProducts:
+        """What ``add`` sums, for one batch: pure, so batches can compute theirs on threads."""
+        return InputProducts(
+            xq.transpose(0, 2, 1) @ xq, xf.transpose(0, 2, 1) @ xq, xq.sum(axis=1), xf.sum(axis=1), xq.shape[1]
+        )
+
+    def accumulate(self, p: InputProducts) -> None:
+        d = p.sq.shape[1]
+        self.h[:, :d, :d] += p.qq
+        self.c[:, :d, :d] += p.fq
+        self.h[:, :d, d] += p.sq
+        self.h[:, d, :d] += p.sq
+        self.c[:, :d, d] += p.sf
+        self.c[:, d, :d] += p.sq
+        self.h[:, d, d] += p.count
+        self.c[:, d, d] += p.count
+        self.count += p.count
 
     def merged(self, other: InputStats) -> InputStats:
         out = InputStats(self.h.shape[0], self.h.shape[1] - 1)
