@@ -100,10 +100,11 @@ def test_smoothing_is_exact_in_float_and_duplicates_a_shared_producer():
     assert ops.count("LayerNormalization") == 2 and ops.count("Reshape") == 1
     by_name = {n.name: n for n in smoothed.graph.node}
     assert by_name["residual_add"].input[0] == "ln"  # the residual path keeps the original values
-    assert by_name["fc1"].input[0] == "ln2d_smoothed"
-    assert by_name["ln_smoothed"].input[1:] == ["ln_smoothed_smoothed_1", "ln_smoothed_smoothed_2"]
-    assert {vi.name for vi in smoothed.graph.value_info} >= {"ln_smoothed", "ln2d_smoothed"}
-    gamma = numpy_helper.to_array(next(i for i in smoothed.graph.initializer if i.name == "ln_smoothed_smoothed_1"))
+    assert by_name["fc1"].input[0] == "ln2d_smoothed_for_fc1"
+    twin = by_name["ln_smoothed_for_fc1"]
+    assert list(twin.input[1:]) == ["ln_smoothed_for_fc1_smoothed_1", "ln_smoothed_for_fc1_smoothed_2"]
+    assert {vi.name for vi in smoothed.graph.value_info} >= {"ln_smoothed_for_fc1", "ln2d_smoothed_for_fc1"}
+    gamma = numpy_helper.to_array(next(i for i in smoothed.graph.initializer if i.name == twin.input[1]))
     assert gamma[3] / np.median(gamma) < 40.0 / 2  # the outlier channel shrank
     for batch in _batches(3):
         for a, b in zip(run_model(model, batch), run_model(smoothed, batch), strict=True):
@@ -154,11 +155,11 @@ def test_finetune_level_1_smooths_and_stays_in_the_target_format(encoder_setup, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("level", "floor", "min_int8"), [(1, 0.99, 27), (2, 0.99, 20)])
+@pytest.mark.parametrize(("level", "floor", "min_int8"), [(1, 0.99, 27), (2, 0.995, 20)])
 def test_zoo_minilm_precision_levels(zoo, tmp_path, level, floor, min_int8):
     """Issue 5's acceptance on MiniLM: level 1 >= 0.99 mean cosine with >= 24 of 36 weight
-    matmuls int8 (its budget, a fifth of 48 compute ops, allows 9 float). Level 2 (a third:
-    16) measured 0.994 against its 0.995 goal: guarded at 0.99 here."""
+    matmuls int8 (its budget, a fifth of 48 compute ops, allows 9 float; measured 0.9933),
+    level 2 >= 0.995 (a third: 16; measured 0.9972)."""
     inputs = [
         {"input_shape": [1, 64], "file_type": "npy", "data_list_path": f"{zoo}/text/calib_{name}.txt"}
         for name in ("input_ids", "attention_mask", "token_type_ids")
@@ -272,3 +273,33 @@ def test_blocks_split_along_a_float_residual_stream():
     assert [b.layers for b in float_stream] == [(0, 2, 4), (6, 8, 10)]
     int8_stream = partition(GraphIndex(model), {"x", *(f"r{i}" for i in range(6))}, schemes)
     assert [b.layers for b in int8_stream] == [(0, 2, 4), (6, 8, 10)]
+
+
+def test_each_matmul_on_a_shared_input_gets_its_own_twin():
+    """Q, K and V read one LayerNorm: each gets a twin with its own scales, the unused reshape goes."""
+    model = _encoder_layer()
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w1"))
+    model.graph.initializer.append(numpy_helper.from_array(w[::-1].copy(), "w1b"))
+    model.graph.node.append(helper.make_node("Gemm", ["ln2d", "w1b"], ["hb"], name="fc1b", transB=1))
+    model.graph.output.append(helper.make_tensor_value_info("hb", TensorProto.FLOAT, [TOKENS, HIDDEN]))
+    model = onnx.shape_inference.infer_shapes(model)
+    assert [(s.producer.name, s.readers[0].name) for s in find_sites(model)] == [
+        ("ln", "fc1"),
+        ("ln", "fc1b"),
+        ("scale", "fc2"),
+    ]
+    smoothed, changed = smooth_model(model, _batches(), _schemes(model))
+    assert changed == 3
+    onnx.checker.check_model(smoothed)
+    by_name = {n.name: n for n in smoothed.graph.node}
+    assert sorted(n.name for n in smoothed.graph.node if n.op_type in ("LayerNormalization", "Reshape")) == [
+        "flatten_tokens_smoothed_for_fc1",
+        "flatten_tokens_smoothed_for_fc1b",
+        "ln",
+        "ln_smoothed_for_fc1",
+        "ln_smoothed_for_fc1b",
+    ]
+    assert by_name["fc1b"].input[0] == "ln2d_smoothed_for_fc1b"
+    for batch in _batches(3):
+        for a, b in zip(run_model(model, batch), run_model(smoothed, batch), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

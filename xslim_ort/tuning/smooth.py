@@ -117,7 +117,7 @@ def find_sites(model: onnx.ModelProto, excluded: Collection[str] = ()) -> list[S
             continue
         if any(r.name in excluded for r in [*chain, *ops]):
             continue
-        sites.append(Site(node, chain, ops, channels))
+        sites.extend(Site(node, chain, [op], channels) for op in ops)  # each matmul gets its own scales
     return sites
 
 
@@ -199,7 +199,7 @@ def smooth_model(
     edits: list[tuple[Site, np.ndarray]] = []
     for start in range(0, len(sites), chunk):
         group = sites[start : start + chunk]
-        captured = capture(model, [s.tensor for s in group], batches, len(batches))
+        captured = capture(model, sorted({s.tensor for s in group}), batches, len(batches))
         for site in group:
             weights = [weight_matrix(r, inits[r.input[1]]) for r in site.readers]
             schemes = [weight_schemes[r.input[1]] for r in site.readers]
@@ -232,22 +232,23 @@ def _apply(model: onnx.ModelProto, edits: list[tuple[Site, np.ndarray]], inits: 
     for site, s in edits:
         producer = nodes[site.producer.name]
         chain = [nodes[n.name] for n in site.chain]
-        shared = readers[producer.output[0]] > (1 if chain else len(site.readers)) or producer.output[0] in outputs
-        if shared:  # others read the original values: the weight ops get a smoothed twin
-            g.node.append(_twin(producer, added))
-            twin = g.node[-1]  # protobuf appends a copy: edit the one in the graph
-            if chain:  # the original chain then feeds nobody
-                for node in chain:
+        path = [producer, *chain]
+        reader = nodes[site.readers[0].name]
+        # Smoothed in place only if this matmul is the one reader down the whole path.
+        shared = any(readers[n.output[0]] > 1 or n.output[0] in outputs for n in path)
+        if shared:  # others read the original values: this matmul gets a smoothed twin of the path
+            tag = reader.name
+            g.node.extend(_twin(n, added, tag) for n in path)
+            twins = list(g.node[-len(path) :])  # protobuf appends copies: edit the ones in the graph
+            for a, b in itertools.pairwise(twins):
+                b.input[0] = a.output[0]
+            readers[path[-1].output[0]] -= 1
+            reader.input[0] = twins[-1].output[0]
+            for node in reversed(chain):  # an original reshape nobody reads any more goes
+                if readers[node.output[0]] == 0:
                     g.node.remove(node)
-                g.node.extend(_twin(n, added) for n in chain)
-                chain = list(g.node[-len(chain) :])
-                chain[0].input[0] = twin.output[0]
-                for a, b in itertools.pairwise(chain):
-                    b.input[0] = a.output[0]
-            tail = (chain[-1] if chain else twin).output[0]
-            for r in site.readers:
-                nodes[r.name].input[0] = tail
-            producer = twin
+                    readers[node.input[0]] -= 1
+            producer = twins[0]
         for i in _absorbing_inputs(producer, inits):
             value = np.asarray(inits[producer.input[i]], dtype=np.float32).reshape(-1)
             name = f"{producer.name}_smoothed_{i}"
@@ -271,13 +272,13 @@ def _apply(model: onnx.ModelProto, edits: list[tuple[Site, np.ndarray]], inits: 
     sort_nodes(g)
 
 
-def _twin(node: onnx.NodeProto, value_info: Mapping[str, onnx.ValueInfoProto]) -> onnx.NodeProto:
-    """A copy of ``node`` with its first output renamed; that output's type is recorded too."""
+def _twin(node: onnx.NodeProto, value_info: dict[str, onnx.ValueInfoProto], tag: str) -> onnx.NodeProto:
+    """A copy of ``node`` for the matmul ``tag``, first output renamed; that output's type is recorded too."""
     twin = onnx.NodeProto()
     twin.CopyFrom(node)
-    twin.name = f"{node.name}_smoothed"
+    twin.name = f"{node.name}_smoothed_for_{tag}"
     del twin.output[1:]  # LayerNormalization's optional mean/inv-std outputs stay with the original
-    twin.output[0] = f"{node.output[0]}_smoothed"
+    twin.output[0] = f"{node.output[0]}_smoothed_for_{tag}"
     if node.output[0] in value_info:
         vi = onnx.ValueInfoProto()
         vi.CopyFrom(value_info[node.output[0]])
