@@ -73,6 +73,10 @@ def quantize_with_source(
     if qp.finetune_level >= 1:
         model = condition_matmuls(job, model, source, excluded)
         excluded = excluded_nodes(model, cfg, job.target) | set(extra_excluded)
+    fixed: dict[str, str] = {}
+    if qp.precision_level == 2:  # known before calibrating: tensors their float ops expose need ranges too
+        fixed = {k: v for k, v in level2_float_nodes(model, job.target).items() if k not in excluded}
+        excluded |= set(fixed)
     tensors = activations_to_calibrate(model, job.target, excluded)
     if not tensors:
         log.warning("the model has no op the '%s' target quantizes; it is written unquantized", job.target.name)
@@ -108,10 +112,8 @@ def quantize_with_source(
     float_kept: dict[str, str] = {}
     float_tensors: dict[str, str] = {}
     if qp.precision_level in (1, 2):
-        fixed, float_tensors = choose_float(job, model, ranges, source, excluded)
-        excluded |= set(fixed)
+        float_tensors = choose_float(job, model, ranges, source, excluded, fixed)
         float_kept = {**fixed, **float_tensors}
-        tensors = activations_to_calibrate(model, job.target, excluded)  # tuning simulates only these
 
     def build(m: onnx.ModelProto, r: dict[str, tuple[float, float]]) -> onnx.ModelProto:
         q = TargetQuantizer(m, job.target, r, nodes_to_exclude=excluded, bias=qp.bias_mode).quantize_model()
@@ -223,22 +225,20 @@ def condition_matmuls(job: Job, model: onnx.ModelProto, source: BatchSource, exc
 
 
 def choose_float(
-    job: Job, model: onnx.ModelProto, ranges: dict, source: BatchSource, excluded: set[str]
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Precision levels 1-2: the nodes (level 2's fixed set) and tensors to keep float.
+    job: Job, model: onnx.ModelProto, ranges: dict, source: BatchSource, excluded: set[str], fixed: dict[str, str]
+) -> dict[str, str]:
+    """Precision levels 1-2: the tensors to keep float, on top of ``excluded`` (with level 2's ``fixed`` set).
 
     Measured on the untuned model, so that tuning then only adjusts what stays int8. Each
-    entry carries the measurement or rule that put it there.
+    entry carries the measurement that put it there.
     """
     level = job.config.quantization_parameters.precision_level
-    fixed = level2_float_nodes(model, job.target) if level == 2 else {}
-    fixed = {k: v for k, v in fixed.items() if k not in excluded}
-    probe = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded | set(fixed), keep_activations=True)
+    probe = TargetQuantizer(model, job.target, ranges, nodes_to_exclude=excluded, keep_activations=True)
     with job.progress(f"precision_level {level}: measuring sensitivity", None):
         result = select_float_tensors(model, probe.quantize_model(), job.target, source, level, fixed_float=fixed)
     for name, reason in sorted({**result.float_nodes, **result.float_tensors}.items()):
         log.debug("kept float: %s (%s)", name, reason)
-    return result.float_nodes, result.float_tensors
+    return result.float_tensors
 
 
 def write_analysis(
