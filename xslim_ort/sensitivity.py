@@ -182,10 +182,14 @@ def tensor_groups(model: onnx.ModelProto, target: Target, flagged: Collection[st
     return groups
 
 
-def _compute_consumers(model: onnx.ModelProto, tensors: Collection[str]) -> set[str]:
-    """Compute ops (Conv, Gemm, MatMul...) reading any of ``tensors`` as input or weight."""
-    wanted = set(tensors)
-    return {n.name for n in model.graph.node if n.op_type in COMPUTE_OPS and wanted.intersection(n.input)}
+def _compute_readers(model: onnx.ModelProto) -> dict[str, set[str]]:
+    """Tensor -> the compute ops (Conv, Gemm, MatMul...) reading it as input or weight."""
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in COMPUTE_OPS:
+            for name in node.input:
+                readers.setdefault(name, set()).add(node.name)
+    return readers
 
 
 def select_float_tensors(
@@ -219,7 +223,8 @@ def select_float_tensors(
     isolated = {g: _noise_ratio(rank_ref, sw.run(rank_batches, ts)) for g, ts in groups.items()}
     result.isolated_sqnr_db = {g: _db(r) for g, r in isolated.items()}
     ranked = sorted(isolated, key=lambda g: (-isolated[g], g))
-    costs = {g: _compute_consumers(float_model, groups[g]) for g in groups}
+    compute_readers = _compute_readers(float_model)
+    costs = {g: set().union(*(compute_readers.get(t, set()) for t in ts)) for g, ts in groups.items()}
     n_compute = sum(n.op_type in COMPUTE_OPS for n in float_model.graph.node)
     budget = max(1, int(n_compute * BUDGET_FRACTION[level]))
 

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from ..qparams import WEIGHT_QMAX
 from .schemes import WeightScheme
-from .smooth import CAPTURE_BUDGET, MAX_ROWS, capture, weight_matrix
+from .smooth import CAPTURE_BUDGET, MAX_ROWS, capture, reads_weight, weight_matrix
 
 log = logging.getLogger("xslim_ort.tuning")
 
@@ -31,15 +31,14 @@ LINEAR_STEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 def _weight_ops(model: onnx.ModelProto, schemes: Mapping[str, WeightScheme], excluded: Collection[str]):
     """Gemm/MatMul nodes with a per-tensor weight rule, reading a dynamic input A."""
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type not in ("Gemm", "MatMul") or node.name in excluded or len(node.input) < 2:
+        if node.name in excluded or not node.input or node.input[0] in inits:
             continue
-        if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
-            continue
-        scheme = schemes.get(node.input[1])
-        if scheme is not None and scheme.axis is None and node.input[0] not in inits:
-            yield node, scheme
+        if reads_weight(node, node.input[0], inits):
+            scheme = schemes.get(node.input[1])
+            if scheme is not None and scheme.axis is None:
+                yield node, scheme
 
 
 def clipped_error(w: np.ndarray, h: np.ndarray, scale: float) -> float:
@@ -65,11 +64,11 @@ def clip_weights(
         return model, 0
     inits = {i.name: i for i in model.graph.initializer}
     tensors = sorted({n.input[0] for n, _ in ops})
-    channels = max(weight_matrix(n, numpy_helper.to_array(inits[n.input[1]])).shape[0] for n, _ in ops)
+    channels = max(weight_matrix(n, np.broadcast_to(0.0, inits[n.input[1]].dims)).shape[0] for n, _ in ops)
     chunk = max(1, CAPTURE_BUDGET // (MAX_ROWS * 4 * channels))
     energy: dict[str, np.ndarray] = {}
     for start in range(0, len(tensors), chunk):
-        captured = capture(model, tensors[start : start + chunk], batches, len(batches))
+        captured = capture(model, tensors[start : start + chunk], batches)
         energy.update({t: np.mean(x.astype(np.float64) ** 2, axis=0) for t, x in captured.items()})
     out = onnx.ModelProto()
     out.CopyFrom(model)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +29,7 @@ from onnx import helper, numpy_helper
 
 from ..model_io import sort_nodes
 from ..qparams import fake_quant_activation
+from .graph import attr
 from .schemes import WeightScheme
 
 log = logging.getLogger("xslim_ort.tuning")
@@ -43,11 +44,11 @@ _RESHAPES = ("Reshape", "Flatten")
 
 @dataclass
 class Site:
-    """A smoothable producer and the weight ops that read its channels."""
+    """A smoothable producer and one weight op that reads its channels."""
 
     producer: onnx.NodeProto
-    chain: list[onnx.NodeProto]  # channel-preserving reshapes between producer and readers
-    readers: list[onnx.NodeProto]  # Gemm/MatMul reading the tensor as input A, constant weight B
+    chain: list[onnx.NodeProto]  # channel-preserving reshapes between producer and reader
+    reader: onnx.NodeProto  # Gemm/MatMul reading the tensor as input A, constant weight B
     channels: int
 
     @property
@@ -66,8 +67,7 @@ def _last_dim(value_info: Mapping[str, onnx.ValueInfoProto], name: str) -> int |
 def _absorbs(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], channels: int) -> bool:
     """Whether ``node``'s output channels can be divided by ``s`` through its constants."""
     if node.op_type == "LayerNormalization":
-        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
-        return axis == -1 and len(node.input) >= 2 and all(i in inits for i in node.input[1:3] if i)
+        return attr(node, "axis", -1) == -1 and len(node.input) >= 2 and all(i in inits for i in node.input[1:3] if i)
     if node.op_type == "Mul" and len(node.input) == 2:
         const = [i for i in node.input if i in inits]
         if len(const) != 1:
@@ -77,10 +77,11 @@ def _absorbs(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], channe
     return False
 
 
-def _weight_reader(node: onnx.NodeProto, tensor: str, inits: Mapping[str, onnx.TensorProto]) -> bool:
+def reads_weight(node: onnx.NodeProto, tensor: str, inits: Mapping[str, onnx.TensorProto]) -> bool:
+    """Whether ``node`` is a Gemm/MatMul computing ``tensor`` (as input A) times a constant 2-D weight."""
     if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2 or node.input[0] != tensor:
         return False
-    if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+    if node.op_type == "Gemm" and attr(node, "transA", 0):
         return False
     return node.input[1] in inits and len(inits[node.input[1]].dims) == 2
 
@@ -112,23 +113,22 @@ def find_sites(model: onnx.ModelProto, excluded: Collection[str] = ()) -> list[S
                 break
             chain.append(nxt[0])
             tensor = nxt[0].output[0]
-        ops = [r for r in readers.get(tensor, []) if _weight_reader(r, tensor, inits)]
+        ops = [r for r in readers.get(tensor, []) if reads_weight(r, tensor, inits)]
         if not ops or tensor in outputs or len(ops) != len(readers.get(tensor, [])):
             continue
         if any(r.name in excluded for r in [*chain, *ops]):
             continue
-        sites.extend(Site(node, chain, [op], channels) for op in ops)  # each matmul gets its own scales
+        sites.extend(Site(node, chain, op, channels) for op in ops)  # each matmul gets its own scales
     return sites
 
 
 def weight_matrix(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
     """The weight as (input channels, outputs)."""
-    transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-    return w.T if transposed else w
+    return w.T if node.op_type == "Gemm" and attr(node, "transB", 0) else w
 
 
 def capture(
-    model: onnx.ModelProto, tensors: list[str], batches: Iterable[Mapping[str, np.ndarray]], n_batches: int
+    model: onnx.ModelProto, tensors: list[str], batches: Sequence[Mapping[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
     """Up to ``MAX_ROWS`` evenly spread rows of each tensor, as (rows, channels) float32."""
     probe = onnx.ModelProto()
@@ -138,7 +138,7 @@ def capture(
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    per_batch = max(1, MAX_ROWS // max(1, n_batches))
+    per_batch = max(1, MAX_ROWS // max(1, len(batches)))
     rows: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     for batch in batches:
         for name, value in zip(tensors, session.run(tensors, dict(batch)), strict=True):
@@ -148,33 +148,25 @@ def capture(
     return {t: np.concatenate(r) for t, r in rows.items() if r}
 
 
-def _output_error(
-    x: np.ndarray, weights: list[np.ndarray], refs: list[np.ndarray], s: np.ndarray, schemes: list[WeightScheme]
-) -> float:
-    """Summed relative error of the weight ops' outputs with input ``x / s`` and weights ``s * w``."""
+def _output_error(x: np.ndarray, w: np.ndarray, ref: np.ndarray, s: np.ndarray, scheme: WeightScheme) -> float:
+    """Relative error of the weight op's output with input ``x / s`` and weight ``s * w``."""
     xs = x / s
     xq = fake_quant_activation(xs, float(xs.min()), float(xs.max()))
-    err = 0.0
-    for w, ref, scheme in zip(weights, refs, schemes, strict=True):
-        wq = scheme.fake_quant(w * s[:, None])
-        err += float(np.sum((xq @ wq - ref) ** 2)) / max(float(np.sum(ref**2)), 1e-30)
-    return err
+    wq = scheme.fake_quant(w * s[:, None])
+    return float(np.sum((xq @ wq - ref) ** 2)) / max(float(np.sum(ref**2)), 1e-30)
 
 
-def best_scales(
-    x: np.ndarray, weights: list[np.ndarray], schemes: list[WeightScheme]
-) -> tuple[np.ndarray | None, float, float]:
+def best_scales(x: np.ndarray, w: np.ndarray, scheme: WeightScheme) -> tuple[np.ndarray | None, float, float]:
     """Per-channel ``s`` of least output error (None: smoothing does not help), with errors before and after."""
-    refs = [x @ w for w in weights]
-    ones = np.ones(x.shape[1], dtype=np.float32)
-    base = _output_error(x, weights, refs, ones, schemes)
+    ref = x @ w
+    base = _output_error(x, w, ref, np.ones(x.shape[1], dtype=np.float32), scheme)
     xmax = np.maximum(np.abs(x).max(axis=0), 1e-5)
-    wmax = np.maximum(np.max([np.abs(w).max(axis=1) for w in weights], axis=0), 1e-5)
+    wmax = np.maximum(np.abs(w).max(axis=1), 1e-5)
     best, best_err = None, base
     for a in ALPHAS:
         s = xmax**a / wmax ** (1.0 - a)
         s = (s / np.exp(np.mean(np.log(s)))).astype(np.float32)  # geometric mean 1: weights keep their scale
-        err = _output_error(x, weights, refs, s, schemes)
+        err = _output_error(x, w, ref, s, scheme)
         if err < best_err:
             best, best_err = s, err
     return best, base, best_err
@@ -187,7 +179,7 @@ def smooth_model(
     excluded: Collection[str] = (),
 ) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with the smoothing that lowers each site's error, and how many sites changed."""
-    sites = [s for s in find_sites(model, excluded) if all(r.input[1] in weight_schemes for r in s.readers)]
+    sites = [s for s in find_sites(model, excluded) if s.reader.input[1] in weight_schemes]
     if not sites or not batches:
         return model, 0
     out = onnx.ModelProto()
@@ -195,28 +187,27 @@ def smooth_model(
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     per_site = MAX_ROWS * 4
     chunk = max(1, CAPTURE_BUDGET // max(per_site * max(s.channels for s in sites), 1))
-    changed = 0
     edits: list[tuple[Site, np.ndarray]] = []
     for start in range(0, len(sites), chunk):
         group = sites[start : start + chunk]
-        captured = capture(model, sorted({s.tensor for s in group}), batches, len(batches))
+        captured = capture(model, sorted({s.tensor for s in group}), batches)
         for site in group:
-            weights = [weight_matrix(r, inits[r.input[1]]) for r in site.readers]
-            schemes = [weight_schemes[r.input[1]] for r in site.readers]
-            s, before, after = best_scales(captured[site.tensor], weights, schemes)
+            weight = site.reader.input[1]
+            s, before, after = best_scales(
+                captured[site.tensor], weight_matrix(site.reader, inits[weight]), weight_schemes[weight]
+            )
             if s is None:
                 continue
             log.info(
-                "smoothing %s -> %d weight op(s): matmul output error %.1f -> %.1f dB",
+                "smoothing %s -> %s: matmul output error %.1f -> %.1f dB",
                 site.producer.name,
-                len(site.readers),
-                -10 * np.log10(max(before / len(weights), 1e-30)),
-                -10 * np.log10(max(after / len(weights), 1e-30)),
+                site.reader.name,
+                -10 * np.log10(max(before, 1e-30)),
+                -10 * np.log10(max(after, 1e-30)),
             )
             edits.append((site, s))
-            changed += 1
     _apply(out, edits, inits)
-    return out, changed
+    return out, len(edits)
 
 
 def _apply(model: onnx.ModelProto, edits: list[tuple[Site, np.ndarray]], inits: Mapping[str, np.ndarray]) -> None:
@@ -233,7 +224,7 @@ def _apply(model: onnx.ModelProto, edits: list[tuple[Site, np.ndarray]], inits: 
         producer = nodes[site.producer.name]
         chain = [nodes[n.name] for n in site.chain]
         path = [producer, *chain]
-        reader = nodes[site.readers[0].name]
+        reader = nodes[site.reader.name]
         # Smoothed in place only if this matmul is the one reader down the whole path.
         shared = any(readers[n.output[0]] > 1 or n.output[0] in outputs for n in path)
         if shared:  # others read the original values: this matmul gets a smoothed twin of the path
@@ -255,14 +246,10 @@ def _apply(model: onnx.ModelProto, edits: list[tuple[Site, np.ndarray]], inits: 
             absorbed = (np.broadcast_to(value, s.shape) / s).astype(np.float32)
             g.initializer.append(numpy_helper.from_array(absorbed, name))
             producer.input[i] = name
-        for r in site.readers:
-            node = nodes[r.name]
-            w = inits[node.input[1]]
-            transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-            scaled = w * s[None, :] if transposed else w * s[:, None]
-            name = f"{node.name}_smoothed_weight"
-            g.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), name))
-            node.input[1] = name
+        scaled = weight_matrix(reader, weight_matrix(reader, inits[reader.input[1]]) * s[:, None])  # back to B's layout
+        name = f"{reader.name}_smoothed_weight"
+        g.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), name))
+        reader.input[1] = name
     known = {vi.name for vi in g.value_info}
     g.value_info.extend(vi for name, vi in added.items() if name not in known)
     used = {i for n in g.node for i in n.input}
