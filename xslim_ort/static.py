@@ -7,6 +7,7 @@ import math
 from collections.abc import Collection
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -23,6 +24,9 @@ from .pipeline import Job, prepare_model
 from .quantizer import TargetQuantizer, activations_to_calibrate, weight_rules
 from .regions import excluded_nodes, tensor_methods
 from .sensitivity import dequantize_tensors, level2_float_nodes, select_float_tensors
+
+if TYPE_CHECKING:
+    from .tuning.schemes import WeightScheme
 
 log = logging.getLogger("xslim_ort")
 
@@ -178,14 +182,10 @@ def tune(
 
     Tensors and weights kept float by the precision level are left out of the simulation.
     """
-    from .tuning import WeightScheme, finetune
+    from .tuning import finetune
 
     level = job.config.quantization_parameters.finetune_level
-    schemes = {
-        name: WeightScheme(axis=axis, power_of_two=pow2)
-        for name, (axis, pow2) in weight_rules(model, job.target, excluded).items()
-        if name not in float_kept
-    }
+    schemes = {n: s for n, s in weight_schemes(job, model, excluded).items() if n not in float_kept}
     with job.progress(f"finetune_level {level}", None) as advance:
         result = finetune(
             model,
@@ -199,6 +199,13 @@ def tune(
     return result.model, {**ranges, **result.range_overrides}
 
 
+def weight_schemes(job: Job, model: onnx.ModelProto, excluded: Collection[str]) -> dict[str, WeightScheme]:
+    """How the target will quantize each weight of ``model`` (tuning and conditioning simulate it)."""
+    from .tuning.schemes import WeightScheme
+
+    return {n: WeightScheme(axis=a, power_of_two=p) for n, (a, p) in weight_rules(model, job.target, excluded).items()}
+
+
 def condition_matmuls(job: Job, model: onnx.ModelProto, source: BatchSource, excluded: set[str]) -> onnx.ModelProto:
     """finetune_level >= 1: smooth matmul inputs into their weights, then clip per-tensor weights.
 
@@ -206,19 +213,15 @@ def condition_matmuls(job: Job, model: onnx.ModelProto, source: BatchSource, exc
     error goes down; smoothing is exact in float, clipping changes only outlier weights.
     """
     from .tuning.clip import clip_weights
-    from .tuning.schemes import WeightScheme
     from .tuning.smooth import smooth_model
 
     if needs_external_data(model):
         log.info("activation smoothing and weight clipping skipped: the model is too large to probe in memory")
         return model
-
-    def schemes(m: onnx.ModelProto) -> dict[str, WeightScheme]:
-        return {n: WeightScheme(axis=a, power_of_two=p) for n, (a, p) in weight_rules(m, job.target, excluded).items()}
-
     batches = list(islice(source(), SMOOTHING_BATCHES))
-    model, smoothed = smooth_model(model, batches, schemes(model), excluded)
-    model, clipped = clip_weights(model, batches, schemes(model), excluded)
+    model, smoothed = smooth_model(model, batches, weight_schemes(job, model, excluded), excluded)
+    # smoothing renames the weights it scales: their schemes are read off the new model
+    model, clipped = clip_weights(model, batches, weight_schemes(job, model, excluded), excluded)
     if smoothed or clipped:
         log.info("%d matmul input(s) smoothed into their weights, %d weight(s) clipped", smoothed, clipped)
     return model
